@@ -1,0 +1,1 @@
+"""Built-in plugins, registered through pluggy exactly as third-party ones are."""

@@ -1,0 +1,76 @@
+"""The encoder interface every text or image tower implements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..progress import progress_bar
+
+
+def auto_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder:
+    """A tower: its torch module, its own preprocessing, and what rebuilding and export need.
+
+    ``module(**inputs)`` maps the preprocessor's arrays (as tensors) to ``(batch, dim)``
+    features. ``family`` names the built-in encoder that can rebuild the architecture offline
+    from the files ``save_architecture`` writes, so a bundle never depends on the plugin or
+    hub that first produced its weights.
+    """
+
+    family: ClassVar[str]
+    modality: ClassVar[str]  # "text" or "image"
+    input_names: ClassVar[tuple[str, ...]]
+    dynamic_axes: ClassVar[dict[str, dict[int, str]]]
+
+    def __init__(self, module: nn.Module, preprocessor: Callable[[Sequence[Any]], dict[str, np.ndarray]], dim: int):
+        self.module = module
+        self.preprocessor = preprocessor
+        self.dim = int(dim)
+
+    def preprocess(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
+        return self.preprocessor(items)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(**inputs)
+
+    @torch.inference_mode()
+    def embed(self, items: Sequence[Any], batch_size: int = 32, normalize: bool = True,
+              device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
+        """Embed texts (strings) or images (paths or PIL images) into float32 rows."""
+        device = torch.device(device) if device is not None else auto_device()
+        self.module.to(device).eval()
+        rows = []
+        with progress_bar(total=len(items), unit=self.modality, disable=not progress, desc="embed") as bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                inputs = {k: torch.from_numpy(v).to(device) for k, v in self.preprocess(chunk).items()}
+                features = self.forward(inputs).float()
+                if normalize:
+                    features = torch.nn.functional.normalize(features, dim=-1)
+                rows.append(features.cpu().numpy())
+                bar.update(len(chunk))
+        if not rows:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
+        """Inputs of the right names, shapes and dtypes, for export and smoke tests."""
+        raise NotImplementedError
+
+    def save_architecture(self, folder: Path) -> dict[str, Any]:
+        """Write config, tokenizer and preprocessing files (no weights); return rebuild options."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.modality} dim={self.dim} params={self.num_parameters() / 1e6:.2f}M>"

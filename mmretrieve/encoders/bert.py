@@ -1,0 +1,84 @@
+"""`bert`: any BERT-family checkpoint through transformers, CLS or mean pooling."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..preprocess import TextPreprocessConfig, TextPreprocessor
+from .base import Encoder
+
+POOLINGS = ("mean", "cls")
+
+
+class TextTower(nn.Module):
+    """Transformer plus pooling: (input_ids, attention_mask) -> (batch, hidden)."""
+
+    def __init__(self, model: nn.Module, pooling: str):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-6)
+
+
+def _fast_tokenizer(model_name: str):
+    """The tokenizers.Tokenizer behind a checkpoint, converting a slow vocab if needed."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    local = Path(model_name) / "tokenizer.json"
+    if local.is_file():
+        return Tokenizer.from_file(str(local))
+    tokenizer = AutoTokenizer.from_pretrained(model_name, use_fast=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(f"{model_name}: no fast tokenizer available (tokenizer.json)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.backend_tokenizer.save(str(Path(tmp) / "tokenizer.json"))
+        return Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
+
+
+class BertEncoder(Encoder):
+    family = "bert"
+    modality = "text"
+    input_names = ("input_ids", "attention_mask")
+    dynamic_axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+
+    def __init__(self, model_name: str, pooling: str = "mean", max_length: int = 77, pretrained: bool = True):
+        """model_name: hub id or local folder; pretrained=False builds from config.json with random weights."""
+        from transformers import AutoConfig, AutoModel
+
+        if pooling not in POOLINGS:
+            raise InputError(f"bert pooling must be one of {POOLINGS}, not {pooling!r}")
+        try:
+            config = AutoConfig.from_pretrained(model_name)
+            model = AutoModel.from_pretrained(model_name, add_pooling_layer=False) if pretrained \
+                else AutoModel.from_config(config, add_pooling_layer=False)
+            tokenizer = _fast_tokenizer(model_name)
+        except OSError as exc:
+            raise InputError(f"cannot load BERT checkpoint {model_name!r}: {str(exc).splitlines()[0]}") from None
+        max_length = min(int(max_length), int(getattr(config, "max_position_embeddings", max_length)))
+        self.options = {"model_name": model_name, "pooling": pooling, "max_length": max_length}
+        super().__init__(TextTower(model, pooling), TextPreprocessor(tokenizer, TextPreprocessConfig(max_length)),
+                         config.hidden_size)
+
+    def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
+        return self.preprocess(["an example caption"] * (batch - 1) + ["a longer example caption with more words"])
+
+    def save_architecture(self, folder: Path) -> dict[str, Any]:
+        folder = Path(folder)
+        self.module.model.config.save_pretrained(folder)
+        self.preprocessor.save(folder)
+        return {"pooling": self.options["pooling"], "max_length": self.options["max_length"]}

@@ -1,0 +1,59 @@
+"""`timm`: any timm architecture as an image tower, preprocessing from its own data config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..errors import InputError
+from ..preprocess import ImagePreprocessConfig, ImagePreprocessor
+from .base import Encoder
+
+
+class ImageTower(nn.Module):
+    """A timm model without its classifier: pixel_values -> (batch, num_features)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values)
+
+
+class TimmEncoder(Encoder):
+    family = "timm"
+    modality = "image"
+    input_names = ("pixel_values",)
+    dynamic_axes = {"pixel_values": {0: "batch"}}
+
+    def __init__(self, model_name: str, pretrained: bool = True, weights: str | None = None,
+                 model_kwargs: dict[str, Any] | None = None, image_size: int | None = None):
+        """pretrained: timm's weights (hub); weights: a local checkpoint file instead of the hub."""
+        import timm
+
+        model_kwargs = dict(model_kwargs or {})
+        overlay = {"file": str(weights)} if weights else None
+        try:
+            model: nn.Module = timm.create_model(model_name, pretrained=bool(pretrained or weights), num_classes=0,
+                                                 pretrained_cfg_overlay=overlay, **model_kwargs)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: "Unknown model"
+            raise InputError(f"cannot build timm model {model_name!r}: {str(exc).splitlines()[0]}") from None
+        data_config = timm.data.resolve_data_config({}, model=model)
+        preprocess = ImagePreprocessConfig.from_timm(data_config)
+        if image_size:
+            preprocess.size = int(image_size)
+        self.options = {"model_name": model_name, "model_kwargs": model_kwargs, "image_size": preprocess.size}
+        super().__init__(ImageTower(model), ImagePreprocessor(preprocess), model.num_features)
+
+    def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
+        size = self.preprocessor.config.size
+        return {"pixel_values": np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)}
+
+    def save_architecture(self, folder: Path) -> dict[str, Any]:
+        self.preprocessor.save(Path(folder))
+        return dict(self.options)
+

@@ -1,0 +1,32 @@
+"""Exceptions a user can act on. The CLI turns each into one sentence on stderr."""
+
+
+class MMRetrieveError(Exception):
+    """Base class: a mistake in input, configuration or environment, not a bug."""
+
+
+class UnknownNameError(MMRetrieveError, KeyError):
+    """A name that no plugin registered; the message lists close matches."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class RegistrationError(MMRetrieveError):
+    """A plugin registered something invalid, or a name another plugin already owns."""
+
+
+class PluginLoadError(MMRetrieveError):
+    """A plugin failed to import or to register; raised only in strict mode."""
+
+
+class BundleError(MMRetrieveError):
+    """A model bundle folder is missing, incomplete, corrupt or of a newer format."""
+
+
+class ConfigError(MMRetrieveError):
+    """A configuration file or --set override that cannot be applied."""
+
+
+class InputError(MMRetrieveError):
+    """Input data (images, captions, texts) that cannot be used."""

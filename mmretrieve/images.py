@@ -1,0 +1,58 @@
+"""Opening user images safely: EXIF orientation, first frame, RGB, decompression-bomb guard."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# A 16k x 16k photo; larger files are refused instead of exhausting memory.
+MAX_PIXELS = 268_435_456
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Return an RGB image upright as the camera saw it, or raise InputError with the reason."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB") if source.mode != "RGB" else source
+    path = Path(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > max_pixels:
+                    raise InputError(f"{path}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
+                image.seek(0)  # animated GIF/WebP: the first frame
+                image.load()  # decode now so truncated files fail here, not later
+                image = ImageOps.exif_transpose(image)
+                return image.convert("RGB")
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: unreadable image ({exc})") from None
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files below a folder (or the file itself), sorted, hidden entries skipped."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise InputError(f"{root}: no such file or folder")
+    return sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and is_image_path(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )

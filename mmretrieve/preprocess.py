@@ -1,0 +1,128 @@
+"""Turning texts and images into model inputs with NumPy, Pillow and tokenizers only.
+
+The torch and onnxruntime paths use these same functions, so the two runtimes see
+identical inputs and the ONNX path never needs PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .images import load_image
+
+_PIL_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass
+class ImagePreprocessConfig:
+    size: int = 224  # side of the square crop the model sees
+    crop_pct: float = 0.875  # resize the shorter side to size / crop_pct, then centre-crop
+    interpolation: str = "bicubic"  # bicubic, bilinear, nearest or lanczos
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel, after scaling to [0, 1]
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def from_timm(cls, data_config: dict) -> "ImagePreprocessConfig":
+        _, height, width = data_config["input_size"]
+        return cls(size=int(height), crop_pct=float(data_config.get("crop_pct", 0.875)),
+                   interpolation=str(data_config.get("interpolation", "bicubic")),
+                   mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+
+
+class ImagePreprocessor:
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalise: timm's eval transform."""
+
+    file_name = "image_preprocess.json"
+
+    def __init__(self, config: ImagePreprocessConfig):
+        self.config = config
+        self._mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+
+    def transform(self, image: Image.Image) -> np.ndarray:
+        size = self.config.size
+        scale = math.floor(size / self.config.crop_pct)
+        width, height = image.size
+        if width <= height:
+            new_w, new_h = scale, max(1, round(height * scale / width))
+        else:
+            new_w, new_h = max(1, round(width * scale / height)), scale
+        image = image.resize((new_w, new_h), _PIL_INTERPOLATION[self.config.interpolation])
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (array - self._mean) / self._std
+
+    def __call__(self, items: Sequence) -> dict[str, np.ndarray]:
+        batch = np.stack([self.transform(load_image(item)) for item in items])
+        return {"pixel_values": batch.astype(np.float32, copy=False)}
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / self.file_name).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "ImagePreprocessor":
+        data = json.loads((Path(folder) / cls.file_name).read_text())
+        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+        return cls(ImagePreprocessConfig(**data))
+
+
+@dataclass
+class TextPreprocessConfig:
+    max_length: int = 77  # tokens, special tokens included; longer texts are truncated
+    extra: dict = field(default_factory=dict)  # reserved for tokenizer-specific settings
+
+
+class TextPreprocessor:
+    """A Hugging Face fast tokenizer (tokenizer.json) with truncation and pad-to-longest."""
+
+    file_name = "text_preprocess.json"
+    tokenizer_file = "tokenizer.json"
+
+    def __init__(self, tokenizer, config: TextPreprocessConfig):
+        self.config = config
+        self.tokenizer = tokenizer  # a tokenizers.Tokenizer
+        self.tokenizer.enable_truncation(max_length=config.max_length)
+        pad_token = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), "[PAD]")
+        pad_id = tokenizer.token_to_id(pad_token)
+        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=pad_token)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        encodings = self.tokenizer.encode_batch([str(t) for t in texts])
+        return {
+            "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.tokenizer.save(str(folder / self.tokenizer_file))
+        (folder / self.file_name).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "TextPreprocessor":
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        data = json.loads((folder / cls.file_name).read_text())
+        return cls(Tokenizer.from_file(str(folder / cls.tokenizer_file)), TextPreprocessConfig(**data))
+
+
+def load_preprocessor(folder: Path) -> ImagePreprocessor | TextPreprocessor:
+    """Whichever preprocessor was saved in a tower folder."""
+    folder = Path(folder)
+    if (folder / TextPreprocessor.file_name).exists():
+        return TextPreprocessor.load(folder)
+    return ImagePreprocessor.load(folder)

@@ -1,0 +1,84 @@
+"""What a plugin declares when it registers something: metadata and a lazy factory.
+
+A factory is either a callable or a ``"package.module:attribute"`` string, so declaring an
+encoder costs nothing and the heavy library behind it is imported when it is first built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import RegistrationError
+
+MODALITIES = ("text", "image")
+
+
+def resolve_factory(factory: str | Callable[..., Any]) -> Callable[..., Any]:
+    """Import ``"module:attribute"`` (dots allowed in the attribute) or return the callable."""
+    if callable(factory):
+        return factory
+    module_name, _, attribute = factory.partition(":")
+    if not module_name or not attribute:
+        raise RegistrationError(f"factory {factory!r} is not of the form 'package.module:attribute'")
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # the name users type; lower case, no spaces
+    factory: str | Callable[..., Any]  # "module:attribute" or a callable that builds it
+    description: str = ""  # one line for `mmretrieve plugins`
+    aliases: tuple[str, ...] = ()  # other names that resolve to this one
+    plugin: str = field(default="", compare=False)  # filled in by the registry
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name or " " in self.name:
+            raise RegistrationError(f"{type(self).__name__} name {self.name!r} must be a non-empty word")
+        if not (callable(self.factory) or (isinstance(self.factory, str) and ":" in self.factory)):
+            raise RegistrationError(f"{self.name!r}: factory must be a callable or 'module:attribute'")
+
+    def build(self, *args: Any, **kwargs: Any) -> Any:
+        return resolve_factory(self.factory)(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class EncoderSpec(Spec):
+    modality: str = "text"  # "text" or "image"
+    defaults: dict[str, Any] = field(default_factory=dict)  # options used unless overridden
+    prefixes: tuple[str, ...] = ()  # "timm:" lets users write timm:resnet50 for this encoder
+    prefix_option: str = "model_name"  # the option a prefixed name fills in
+
+    def validate(self) -> None:
+        super().validate()
+        if self.modality not in MODALITIES:
+            raise RegistrationError(f"encoder {self.name!r}: modality must be one of {MODALITIES}, not {self.modality!r}")
+
+
+@dataclass(frozen=True)
+class FusionSpec(Spec):
+    trainable: bool = False  # True when the strategy has parameters the contrastive core trains
+
+
+@dataclass(frozen=True)
+class LossSpec(Spec):
+    pass
+
+
+@dataclass(frozen=True)
+class IndexBackendSpec(Spec):
+    pass
+
+
+@dataclass(frozen=True)
+class RuntimeSpec(Spec):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec(Spec):
+    """A ready-made bundle; ``factory`` returns the path of its folder."""
