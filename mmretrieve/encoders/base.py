@@ -16,6 +16,25 @@ def auto_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@torch.inference_mode()
+def embed_batched(items: Sequence[Any], preprocess: Callable, forward: Callable, module: nn.Module, dim: int,
+                  unit: str, batch_size: int = 32, device: str | torch.device | None = None,
+                  progress: bool = False) -> np.ndarray:
+    """Preprocess and run ``items`` batch by batch on ``device``; float32 rows out."""
+    device = torch.device(device) if device is not None else auto_device()
+    module.to(device).eval()
+    rows = []
+    with progress_bar(total=len(items), unit=unit, disable=not progress, desc="embed") as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            inputs = {k: torch.from_numpy(v).to(device) for k, v in preprocess(chunk).items()}
+            rows.append(forward(inputs).float().cpu().numpy())
+            bar.update(len(chunk))
+    if not rows:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.concatenate(rows).astype(np.float32, copy=False)
+
+
 class Encoder:
     """A tower: its torch module, its own preprocessing, and what rebuilding and export need.
 
@@ -41,25 +60,15 @@ class Encoder:
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.module(**inputs)
 
-    @torch.inference_mode()
     def embed(self, items: Sequence[Any], batch_size: int = 32, normalize: bool = True,
               device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
         """Embed texts (strings) or images (paths or PIL images) into float32 rows."""
-        device = torch.device(device) if device is not None else auto_device()
-        self.module.to(device).eval()
-        rows = []
-        with progress_bar(total=len(items), unit=self.modality, disable=not progress, desc="embed") as bar:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                inputs = {k: torch.from_numpy(v).to(device) for k, v in self.preprocess(chunk).items()}
-                features = self.forward(inputs).float()
-                if normalize:
-                    features = torch.nn.functional.normalize(features, dim=-1)
-                rows.append(features.cpu().numpy())
-                bar.update(len(chunk))
-        if not rows:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.concatenate(rows).astype(np.float32, copy=False)
+        def forward(inputs):
+            features = self.forward(inputs).float()
+            return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+        return embed_batched(items, self.preprocess, forward, self.module, self.dim, self.modality,
+                             batch_size, device, progress)
 
     def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
         """Inputs of the right names, shapes and dtypes, for export and smoke tests."""

@@ -1,0 +1,172 @@
+"""Model bundles: a trained retrieval model as a self-describing folder.
+
+    model.json            the ModelConfig, and how to rebuild each tower offline
+    weights.safetensors   every parameter and buffer (never a pickle)
+    text/                 tokenizer.json, the transformer's config.json, text_preprocess.json
+    image/                image_preprocess.json
+    manifest.json         format version, mmretrieve version, weights fingerprint, file hashes
+
+A bundle is written into a staging folder and renamed into place, so an interrupted save
+leaves the previous bundle (or nothing) behind, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import ModelConfig, from_dict, to_dict
+from .errors import BundleError, UnknownNameError
+
+FORMAT = "mmretrieve-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.safetensors"
+TOWERS = ("text", "image")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class BundleInfo:
+    path: Path
+    manifest: dict[str, Any]
+    model: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def config(self) -> ModelConfig:
+        return from_dict(ModelConfig, self.model["config"])
+
+
+def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = None) -> BundleInfo:
+    """Write ``model`` (a RetrievalModel) as a bundle folder, atomically replacing any old one."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_directory
+
+    folder = Path(folder)
+    with atomic_directory(folder) as staging:
+        towers = {}
+        for name, encoder in (("text", model.text_encoder), ("image", model.image_encoder)):
+            (staging / name).mkdir()
+            towers[name] = {
+                "family": encoder.family,
+                "options": encoder.save_architecture(staging / name),
+                "registered_as": getattr(encoder, "registered_name", encoder.family),
+                "dim": encoder.dim,
+            }
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS), metadata={"format": FORMAT})
+        model_json = {"config": to_dict(model.config), "towers": towers}
+        (staging / MODEL_JSON).write_text(json.dumps(model_json, indent=2))
+        files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "mmretrieve_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "fingerprint": files[WEIGHTS][:32],
+            "embed_dim": model.config.embed_dim,
+            "parameters": int(sum(v.numel() for v in state.values())),
+            "files": files,
+            "metadata": metadata or {},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return BundleInfo(folder, manifest, model_json)
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """A bundle folder from a path or from a name a plugin registered (``default``)."""
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    from .plugins import get_host
+
+    registry = get_host().registry("model")
+    if str(ref) in registry:
+        return Path(registry.get(str(ref)).build())
+    if path.exists():
+        raise BundleError(f"{path} is a file; a model is a bundle folder")
+    names = ", ".join(registry.names()) or "none"
+    try:
+        registry.get(str(ref))
+    except UnknownNameError as exc:
+        raise BundleError(f"no model folder at {path}, and {exc}") from None
+    raise BundleError(f"no model folder at {path} (registered models: {names})")
+
+
+def read_bundle_info(ref: str | Path, verify: bool = False) -> BundleInfo:
+    """Manifest and model description, without torch; ``verify`` re-hashes every file."""
+    folder = resolve_model(ref)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{folder} is not a model bundle (no {MANIFEST}); train one with `mmretrieve train`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        model_json = json.loads((folder / MODEL_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{folder}: unreadable bundle metadata ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{folder}: not an mmretrieve bundle (format {manifest.get('format')!r})")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise BundleError(
+            f"{folder} uses bundle format {manifest['format_version']}, newer than this mmretrieve "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade with `pip install -U mmretrieve`"
+        )
+    if verify:
+        for name, expected in manifest["files"].items():
+            file = folder / name
+            if not file.is_file():
+                raise BundleError(f"{folder}: {name} is missing; the bundle is incomplete")
+            if sha256_file(file) != expected:
+                raise BundleError(f"{folder}: {name} does not match its recorded hash; the bundle is corrupt")
+    return BundleInfo(folder, manifest, model_json)
+
+
+def load_bundle(ref: str | Path, verify: bool = True):
+    """Rebuild a RetrievalModel from a bundle, offline, with its saved weights."""
+    from safetensors.torch import load_file
+
+    from .encoders import create_encoder
+    from .model import RetrievalModel
+
+    info = read_bundle_info(ref, verify=verify)
+    encoders = {}
+    for name in TOWERS:
+        tower = info.model["towers"][name]
+        options = dict(tower["options"])
+        if tower["family"] == "bert":
+            options["model_name"] = str(info.path / name)
+        try:
+            encoders[name] = create_encoder(tower["family"], pretrained=False, **options)
+        except UnknownNameError:
+            raise BundleError(
+                f"{info.path}: its {name} tower needs the {tower['family']!r} encoder, which no installed plugin provides"
+            ) from None
+        encoders[name].registered_name = tower.get("registered_as", tower["family"])
+    model = RetrievalModel(info.config, encoders["text"], encoders["image"])
+    state = load_file(str(info.path / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BundleError(
+            f"{info.path}: weights do not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"e.g. {(missing or unexpected)[0]})"
+        )
+    model.bundle = info
+    return model

@@ -1,0 +1,145 @@
+"""The `mmretrieve` command line. Results go to stdout; progress and logs go to stderr.
+
+Nothing heavy is imported at start-up: each command imports torch and friends in its body,
+so `mmretrieve --help` and `mmretrieve plugins` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MMRetrieveError
+
+
+class Group(click.Group):
+    """Turns a user's mistake (an MMRetrieveError) into one sentence instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MMRetrieveError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="mmretrieve")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Text-to-image and image-to-text search: train, index, search, export."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def config_options(func):
+    """--config FILE and repeatable --set key=value, in that order of precedence."""
+    func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override one setting (repeatable); values parse as JSON where they can.")(func)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="Settings from a TOML, YAML or JSON file.")(func)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List plugins, their versions and what each registers."""
+    from .plugins import KINDS, get_host
+
+    host = get_host()
+    for kind in KINDS:
+        host.registry(kind)  # runs the register hooks so records are filled in
+    records = [r.as_dict() for r in host.records.values()]
+    if as_json:
+        echo_json(records)
+        return
+    rows = [("plugin", "version", "source", "registers")]
+    for record in host.records.values():
+        what = "; ".join(f"{kind}s: {', '.join(names)}" for kind, names in sorted(record.registered.items()))
+        if record.error:
+            what = f"SKIPPED ({record.error})"
+        elif record.refused:
+            what += f"; refused: {len(record.refused)}"
+        rows.append((record.name, record.version or "-", record.source, what or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
+
+
+@cli.command()
+@click.option("--encoder", "encoder_name", help="A registered encoder (see `mmretrieve plugins`), e.g. bert or timm:resnet50.")
+@click.option("--model", "model_ref", help="A model bundle (or registered model name): embed into its shared space.")
+@click.option("--text", "texts", multiple=True, help="A text to embed (repeatable).")
+@click.option("--texts-file", type=click.Path(exists=True, dir_okay=False), help="A file with one text per line.")
+@click.option("--image", "images", multiple=True, type=click.Path(), help="An image file or folder (repeatable).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="embeddings.npy", show_default=True,
+              help="Where to write the float32 matrix (.npy); row descriptions go beside it.")
+@click.option("--rows-format", type=click.Choice(["json", "csv"]), default="json", show_default=True,
+              help="Format of the file describing each row.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--no-normalize", is_flag=True, help="Keep raw encoder features (encoders only).")
+@click.option("--device", help="torch device (default: cuda when present, else cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@config_options
+def embed(encoder_name, model_ref, texts, texts_file, images, out, rows_format, batch_size, no_normalize, device,
+          as_json, config_file, overrides):
+    """Embed texts or images with an encoder or a trained model, into a .npy file."""
+    from .embed import collect_inputs, run_embed
+
+    if bool(encoder_name) == bool(model_ref):
+        raise click.UsageError("give exactly one of --encoder NAME or --model MODEL")
+    inputs = collect_inputs(texts, texts_file, images)
+    result = run_embed(inputs, out=Path(out), rows_format=rows_format, encoder_name=encoder_name,
+                       model_ref=model_ref, batch_size=batch_size, normalize=not no_normalize, device=device,
+                       config_file=config_file, overrides=overrides)
+    if as_json:
+        echo_json(result)
+        return
+    for part in result["outputs"]:
+        click.echo(f"{part['modality']}: {part['rows']} x {part['dim']} float32 -> {part['path']} "
+                   f"(rows described in {part['rows_file']})")
+    for skipped in result["skipped"]:
+        click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
+
+
+@cli.command()
+@click.argument("model_ref", metavar="MODEL")
+@click.option("--verify", is_flag=True, help="Re-hash every file against the manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model_ref: str, verify: bool, as_json: bool) -> None:
+    """Describe a model bundle: towers, dimensions, fingerprint, versions."""
+    from .bundle import read_bundle_info
+
+    bundle = read_bundle_info(model_ref, verify=verify)
+    if as_json:
+        echo_json({"path": str(bundle.path), "manifest": bundle.manifest, "model": bundle.model})
+        return
+    manifest, config = bundle.manifest, bundle.model["config"]
+    click.echo(f"bundle:       {bundle.path}")
+    click.echo(f"format:       {manifest['format']} v{manifest['format_version']} (mmretrieve {manifest['mmretrieve_version']})")
+    click.echo(f"fingerprint:  {manifest['fingerprint']}")
+    click.echo(f"embed dim:    {config['embed_dim']}  head: {config['head']}")
+    for name, tower in bundle.model["towers"].items():
+        click.echo(f"{name + ' tower:':<13} {tower['registered_as']} ({tower['family']}, {tower['dim']}-d)")
+    click.echo(f"parameters:   {manifest['parameters']:,}")
+    if verify:
+        click.echo(f"verified:     {len(manifest['files'])} files match their hashes")
+
+
+def _add_plugin_commands() -> None:
+    from .plugins import get_host
+
+    get_host().call_each("register_commands", cli=cli)
+
+
+def main() -> None:
+    _add_plugin_commands()
+    cli(prog_name="mmretrieve")

@@ -1,0 +1,128 @@
+"""Configuration dataclasses, config files (TOML, YAML, JSON) and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class TowerConfig:
+    encoder: str = "bert"  # registered encoder name, or a prefixed one such as timm:resnet50
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the encoder's factory
+
+
+@dataclass
+class ModelConfig:
+    text: TowerConfig = field(default_factory=lambda: TowerConfig("bert"))  # the text tower
+    image: TowerConfig = field(default_factory=lambda: TowerConfig("timm"))  # the image tower
+    embed_dim: int = 256  # dimension of the shared embedding space
+    head: str = "linear"  # projection head per tower: "linear" (no bias, as CLIP) or "mlp"
+    init_temperature: float = 0.07  # softmax temperature at start; learned, stored as log(1/T)
+    max_logit_scale: float = 100.0  # clamp on 1/T, as CLIP does, against a collapsing loss
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A mapping from a .toml, .yaml/.yml or .json file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each parser has its own error type
+        raise ConfigError(f"{path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values are JSON where they parse (numbers, true, lists), else plain strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` assignments to a nested mapping (a copy is returned)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build a dataclass from a mapping, recursing into nested dataclasses; unknown keys are
+    refused with the closest valid names."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown setting {where + key!r}{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            value = from_dict(kind, value, where=f"{where}{key}.")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def load_config(cls: type[T], config_file: str | Path | None = None, overrides: tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> T:
+    """``base`` < config file < ``--set`` overrides, as one dataclass."""
+    data = dict(base or {})
+    if config_file:
+        data = _merge(data, read_config_file(config_file))
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged

@@ -1,0 +1,37 @@
+"""Tiny transformers and timm models built from configs with random weights: no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "a an the of on in with and is are at to two three dog dogs cat cats black white brown red blue green "
+    "yellow man woman boy girl child children people person running runs sitting sits jumping jumps playing "
+    "beach grass water snow street park field ball keyboard table sofa car bike bicycle shirt dress hat "
+    "small big little young old near over under through front its their his her picture photo image"
+).split()
+
+
+def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
+    """A 2-layer BERT with a word-level vocabulary, saved like a hub checkpoint."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    ids = {token: i for i, token in enumerate(vocab)}
+    tokenizer = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+# timm ships small test architectures; test_efficientnet has 0.1M parameters.
+TINY_TIMM = "test_efficientnet"
