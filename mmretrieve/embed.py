@@ -65,11 +65,12 @@ def embed_images_tolerant(paths: list[Path], embed_fn, chunk_size: int) -> tuple
     return (np.concatenate(matrices) if matrices else None), good, skipped
 
 
-def _rows_file(out: Path, modality: str, fmt: str, multi: bool) -> tuple[Path, Path]:
-    stem = out.with_suffix("")
+def _output_paths(out: Path, modality: str, fmt: str, multi: bool) -> tuple[Path, Path]:
+    """emb.npy + emb.rows.json; with both modalities, emb.text.npy and emb.image.npy."""
+    stem = out.name[:-4] if out.name.endswith(".npy") else out.name
     if multi:
-        stem = stem.with_name(f"{stem.name}.{modality}")
-    return stem.with_suffix(".npy"), stem.with_name(stem.name + f".rows.{fmt}")
+        stem = f"{stem}.{modality}"
+    return out.with_name(f"{stem}.npy"), out.with_name(f"{stem}.rows.{fmt}")
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
@@ -123,7 +124,7 @@ def run_embed(inputs: dict[str, list], out: Path, rows_format: str, encoder_name
         results.append(("image", matrix, good))
     outputs = []
     for modality, matrix, items in results:
-        npy_path, rows_path = _rows_file(out, modality, rows_format, multi)
+        npy_path, rows_path = _output_paths(out, modality, rows_format, multi)
         buffer = io.BytesIO()
         np.save(buffer, matrix)
         write_bytes_atomic(npy_path, buffer.getvalue())

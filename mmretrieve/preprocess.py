@@ -55,12 +55,13 @@ class ImagePreprocessor:
         size = self.config.size
         scale = math.floor(size / self.config.crop_pct)
         width, height = image.size
+        # Same arithmetic as torchvision's Resize and CenterCrop, so outputs match timm exactly.
         if width <= height:
-            new_w, new_h = scale, max(1, round(height * scale / width))
+            new_w, new_h = scale, int(scale * height / width)
         else:
-            new_w, new_h = max(1, round(width * scale / height)), scale
+            new_w, new_h = int(scale * width / height), scale
         image = image.resize((new_w, new_h), _PIL_INTERPOLATION[self.config.interpolation])
-        left, top = (new_w - size) // 2, (new_h - size) // 2
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         image = image.crop((left, top, left + size, top + size))
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return (array - self._mean) / self._std

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import TINY_TIMM, make_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_host(monkeypatch):
+    """Each test sees plugins loaded from scratch, with no plugin environment leaking in."""
+    from mmretrieve import plugins
+
+    for name in (plugins.ENV_LOAD, plugins.ENV_BLOCK, plugins.ENV_STRICT):
+        monkeypatch.delenv(name, raising=False)
+    plugins.reset_host()
+    yield
+    plugins.reset_host()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_bert_dir):
+    from mmretrieve.config import ModelConfig, TowerConfig
+
+    return ModelConfig(
+        text=TowerConfig("bert", {"model_name": str(tiny_bert_dir), "max_length": 32}),
+        image=TowerConfig(f"timm:{TINY_TIMM}", {"pretrained": False, "image_size": 64}),
+        embed_dim=16,
+    )
+
+
+@pytest.fixture
+def tiny_model(tiny_model_config):
+    import torch
+
+    from mmretrieve.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_model_config)
+
+
+def random_image(seed: int, size=(80, 60)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def messy_image_folder(tmp_path) -> Path:
+    """Good images in nested folders and with non-ASCII names, next to every kind of bad file."""
+    root = tmp_path / "photos"
+    (root / "holiday" / "day 2").mkdir(parents=True)
+    random_image(1).save(root / "a.jpg")
+    random_image(2).save(root / "holiday" / "b.png")
+    random_image(3).save(root / "holiday" / "day 2" / "café ☕.webp")
+    random_image(4, (40, 90)).save(root / "holiday" / "tall.bmp")
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    full = root / "full.jpg"
+    random_image(5, (200, 200)).save(full, quality=95)
+    data = full.read_bytes()
+    full.unlink()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.jpg").write_bytes(b"")
+    return root
+
+
+GOOD_IMAGES = {"a.jpg", "b.png", "café ☕.webp", "tall.bmp"}
+BAD_IMAGES = {"zero.jpg", "corrupt.png", "truncated.jpg"}

@@ -1,0 +1,93 @@
+"""Model bundles: exact round trip, manifest, refusal of newer formats, corruption, atomicity."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import random_image
+from mmretrieve.bundle import FORMAT_VERSION, load_bundle, read_bundle_info, save_bundle
+from mmretrieve.errors import BundleError
+
+TEXTS = ["a black cat on a keyboard", "two dogs running on the beach"]
+
+
+def test_round_trip_gives_identical_embeddings(tiny_model, tmp_path):
+    images = [random_image(1), random_image(2, (50, 120))]
+    before_t, before_i = tiny_model.embed("text", TEXTS), tiny_model.embed("image", images)
+    save_bundle(tiny_model, tmp_path / "bundle")
+    loaded = load_bundle(tmp_path / "bundle")
+    np.testing.assert_array_equal(loaded.embed("text", TEXTS), before_t)
+    np.testing.assert_array_equal(loaded.embed("image", images), before_i)
+    assert loaded.logit_scale.item() == pytest.approx(tiny_model.logit_scale.item())
+
+
+def test_bundle_layout_and_manifest(tiny_model, tmp_path):
+    info = save_bundle(tiny_model, tmp_path / "bundle", metadata={"note": "test"})
+    files = {p.relative_to(tmp_path / "bundle").as_posix() for p in (tmp_path / "bundle").rglob("*") if p.is_file()}
+    assert files == {"manifest.json", "model.json", "weights.safetensors", "text/config.json",
+                     "text/tokenizer.json", "text/text_preprocess.json", "image/image_preprocess.json"}
+    manifest = info.manifest
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["mmretrieve_version"]
+    assert len(manifest["fingerprint"]) == 32 and manifest["embed_dim"] == 16
+    assert manifest["metadata"] == {"note": "test"}
+    assert not list(tmp_path.glob(".bundle.*")), "no staging folder left behind"
+
+
+def test_fingerprint_tracks_the_weights(tiny_model, tmp_path):
+    import torch
+
+    first = save_bundle(tiny_model, tmp_path / "a").fingerprint
+    assert save_bundle(tiny_model, tmp_path / "b").fingerprint == first
+    with torch.no_grad():
+        tiny_model.text_head.weight.add_(0.01)
+    assert save_bundle(tiny_model, tmp_path / "c").fingerprint != first
+
+
+def test_newer_format_is_refused_with_what_to_do(tiny_model, tmp_path):
+    save_bundle(tiny_model, tmp_path / "bundle")
+    manifest_path = tmp_path / "bundle" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="newer than this mmretrieve.*pip install -U mmretrieve"):
+        load_bundle(tmp_path / "bundle")
+
+
+def test_corrupt_weights_are_detected(tiny_model, tmp_path):
+    save_bundle(tiny_model, tmp_path / "bundle")
+    weights = tmp_path / "bundle" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="weights.safetensors does not match its recorded hash"):
+        load_bundle(tmp_path / "bundle")
+
+
+def test_missing_file_is_detected(tiny_model, tmp_path):
+    save_bundle(tiny_model, tmp_path / "bundle")
+    (tmp_path / "bundle" / "text" / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json is missing"):
+        read_bundle_info(tmp_path / "bundle", verify=True)
+
+
+def test_interrupted_save_keeps_the_previous_bundle(tiny_model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    first = save_bundle(tiny_model, tmp_path / "bundle").fingerprint
+
+    def dies_half_way(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_bundle(tiny_model, tmp_path / "bundle")
+    assert read_bundle_info(tmp_path / "bundle", verify=True).fingerprint == first
+    assert not list(tmp_path.glob(".bundle.*"))
+
+
+def test_not_a_bundle_and_missing_paths(tmp_path):
+    with pytest.raises(BundleError, match="is not a model bundle"):
+        read_bundle_info(tmp_path)
+    with pytest.raises(BundleError, match="no model folder at"):
+        read_bundle_info(tmp_path / "missing")

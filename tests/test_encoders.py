@@ -1,0 +1,83 @@
+"""The built-in encoders on tiny random-weight models: shapes, pooling, padding, preprocessing."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_image
+from mmretrieve.encoders import create_encoder
+from mmretrieve.errors import InputError
+from tiny_models import TINY_TIMM
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_bert_dir):
+    return create_encoder("bert", model_name=str(tiny_bert_dir), max_length=16)
+
+
+@pytest.fixture(scope="module")
+def image_encoder():
+    torch.manual_seed(0)
+    return create_encoder(f"timm:{TINY_TIMM}", pretrained=False, image_size=64)
+
+
+def test_bert_embeds_texts_to_normalised_float32(bert):
+    out = bert.embed(["a black cat", "two dogs running on the beach"])
+    assert out.shape == (2, 32) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert bert.modality == "text" and bert.dim == 32
+
+
+def test_bert_embedding_does_not_depend_on_batch_padding(bert):
+    alone = bert.embed(["a cat"])
+    padded = bert.embed(["a cat", "a man and a woman with a dog in the park near the water"])[:1]
+    np.testing.assert_allclose(alone, padded, atol=1e-5)
+
+
+def test_bert_pooling_choices_differ_and_bad_pooling_is_refused(tiny_bert_dir, bert):
+    cls = create_encoder("bert", model_name=str(tiny_bert_dir), pooling="cls")
+    assert not np.allclose(cls.embed(["a black cat"]), bert.embed(["a black cat"]))
+    with pytest.raises(InputError, match="pooling must be one of"):
+        create_encoder("bert", model_name=str(tiny_bert_dir), pooling="max")
+
+
+def test_bert_truncates_at_max_length(bert):
+    inputs = bert.preprocess(["dog " * 100])
+    assert inputs["input_ids"].shape == (1, 16)
+
+
+def test_bert_missing_checkpoint_is_one_sentence(tmp_path):
+    with pytest.raises(InputError, match="cannot load BERT checkpoint"):
+        create_encoder("bert", model_name=str(tmp_path / "nothing-here"))
+
+
+def test_timm_embeds_paths_and_pil_images(image_encoder, tmp_path):
+    random_image(1).save(tmp_path / "a.png")
+    out = image_encoder.embed([tmp_path / "a.png", random_image(2, (30, 90))])
+    assert out.shape == (2, image_encoder.dim)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_timm_unknown_architecture_is_one_sentence():
+    with pytest.raises(InputError, match="cannot build timm model 'no_such_net'"):
+        create_encoder("timm:no_such_net", pretrained=False)
+
+
+def test_image_preprocessing_matches_timms_own_eval_transform(image_encoder):
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=image_encoder.module.model)
+    config["input_size"] = (3, 64, 64)
+    reference = timm.data.create_transform(**config)
+    for seed, size in ((0, (97, 61)), (1, (64, 64)), (2, (300, 120))):
+        image = random_image(seed, size)
+        ours = image_encoder.preprocess([image])["pixel_values"][0]
+        np.testing.assert_allclose(ours, reference(image).numpy(), atol=1e-5)
+
+
+def test_example_inputs_run_through_the_module(bert, image_encoder):
+    for encoder in (bert, image_encoder):
+        inputs = {k: torch.from_numpy(v) for k, v in encoder.example_inputs(3).items()}
+        assert set(inputs) == set(encoder.input_names)
+        with torch.no_grad():
+            assert encoder.forward(inputs).shape == (3, encoder.dim)
