@@ -261,3 +261,21 @@ def test_minilm_matches_sentence_transformers(minilm):
     expected = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     cosines = np.sum(minilm.embed(texts) * expected, axis=1)
     assert cosines.min() > 0.9999, cosines
+
+
+# -- bundles -----------------------------------------------------------------------------------
+def test_bundle_rebuilds_both_towers_without_the_plugin_factories(minilm, lite0, photos, tmp_path):
+    from mmretrieve.bundle import load_bundle, save_bundle
+    from mmretrieve.config import ModelConfig, TowerConfig
+    from mmretrieve.model import RetrievalModel
+
+    config = ModelConfig(text=TowerConfig("minilm-l6"), image=TowerConfig("efficientnet-lite0"), embed_dim=32)
+    model = RetrievalModel(config, minilm, lite0)
+    save_bundle(model, tmp_path / "bundle")
+    rebuilt = load_bundle(tmp_path / "bundle")  # through the core `bert` and `timm` families
+
+    # The TF pixel normalisation travels in the timm options, so the rebuilt tower sees the same inputs.
+    assert rebuilt.image_encoder.preprocessor.config == lite0.preprocessor.config
+    for modality, items in (("text", [CAT, MARKET]), ("image", list(photos.values()))):
+        np.testing.assert_allclose(rebuilt.embed(modality, items), model.embed(modality, items), atol=1e-5)
+
