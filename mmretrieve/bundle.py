@@ -145,6 +145,7 @@ def load_bundle(ref: str | Path, verify: bool = True):
 
     from .encoders import create_encoder
     from .model import RetrievalModel
+    from .preprocess import load_preprocessor
 
     info = read_bundle_info(ref, verify=verify)
     encoders = {}
@@ -159,6 +160,8 @@ def load_bundle(ref: str | Path, verify: bool = True):
             raise BundleError(
                 f"{info.path}: its {name} tower needs the {tower['family']!r} encoder, which no installed plugin provides"
             ) from None
+        # The preprocessing saved with the bundle, not today's defaults of the library.
+        encoders[name].preprocessor = load_preprocessor(info.path / name)
         encoders[name].registered_name = tower.get("registered_as", tower["family"])
     model = RetrievalModel(info.config, encoders["text"], encoders["image"])
     state = load_file(str(info.path / WEIGHTS))

@@ -134,6 +134,86 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
         click.echo(f"verified:     {len(manifest['files'])} files match their hashes")
 
 
+@cli.command()
+@click.option("--data", help="Training pairs: JSONL, CSV, COCO captions JSON, or a folder with .txt sidecars.")
+@click.option("--val-data", help="Validation pairs (default: a held-out split of --data).")
+@click.option("--init", "init_model", help="Start from this bundle or registered model instead of a fresh one.")
+@click.option("--text-encoder", help="Text tower for a fresh model, e.g. bert or minilm-l6.")
+@click.option("--image-encoder", help="Image tower for a fresh model, e.g. timm:resnet50 or efficientnet-lite0.")
+@click.option("--text-mode", help="What trains in the text tower: frozen, full, top:N, bitfit, lora.")
+@click.option("--image-mode", help="What trains in the image tower: frozen, full, top:N, bitfit, lora.")
+@click.option("--epochs", type=click.IntRange(1), help="Passes over the training images.")
+@click.option("--batch-size", type=click.IntRange(2), help="Pairs per batch (per process).")
+@click.option("-o", "--output", help="Run folder (bundle in OUTPUT/best).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@config_options
+def train(data, val_data, init_model, text_encoder, image_encoder, text_mode, image_mode, epochs, batch_size, output,
+          resume, as_json, config_file, overrides):
+    """Fine-tune a retrieval model contrastively on image-caption pairs.
+
+    Runs on CUDA with mixed precision when present, else on CPU; under torchrun it trains
+    with DistributedDataParallel. The best validation checkpoint is saved as a bundle.
+    """
+    from .config import TrainConfig, load_config
+
+    flags = {"data": data, "val_data": val_data, "init": init_model, "model.text.encoder": text_encoder,
+             "model.image.encoder": image_encoder, "text.mode": text_mode, "image.mode": image_mode,
+             "epochs": epochs, "batch_size": batch_size, "output": output}
+    sets = tuple(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None) + tuple(overrides)
+    config = load_config(TrainConfig, config_file, sets)
+    from .train.loop import run_training
+
+    result = run_training(config, resume=resume)
+    if as_json:
+        echo_json(result.__dict__)
+        return
+    _print_gain(result)
+
+
+def _print_gain(result) -> None:
+    if result.baseline is None or result.best is None:
+        click.echo(f"trained {result.steps} steps in {result.seconds:.0f}s; no validation result")
+        return
+    click.echo(f"trained {result.steps} steps in {result.seconds:.0f}s; best at step {result.best_step} -> "
+               f"{result.best_bundle}{' (stopped early)' if result.stopped_early else ''}")
+    click.echo(f"{'':>10} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6} {'i2t R@1':>8} {'R@5':>6} {'R@10':>6}")
+    for label, metrics in (("start", result.baseline), ("best", result.best)):
+        t, i = metrics["t2i"], metrics["i2t"]
+        click.echo(f"{label:>10} {t['R@1']:>8.1f} {t['R@5']:>6.1f} {t['R@10']:>6.1f} "
+                   f"{i['R@1']:>8.1f} {i['R@5']:>6.1f} {i['R@10']:>6.1f}")
+
+
+@cli.command(name="eval")
+@click.option("--model", "model_ref", required=True, help="A model bundle or registered model name.")
+@click.option("--data", required=True, help="Captioned images: JSONL, CSV, COCO captions JSON or a folder.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@click.option("--json", "as_json", is_flag=True, help='Print {"t2i": {...}, "i2t": {...}} (percentages).')
+def evaluate(model_ref, data, batch_size, workers, device, as_json):
+    """Recall@1/5/10 and median rank, text->image and image->text (CLIP_benchmark protocol)."""
+    import torch
+
+    from .bundle import load_bundle
+    from .data import load_captions
+    from .evaluate import evaluate_model
+
+    captions = load_captions(data)
+    model = load_bundle(model_ref)
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    metrics = evaluate_model(model, captions.items, batch_size=batch_size, device=device, workers=workers)
+    if as_json:
+        echo_json(metrics)
+        return
+    click.echo(f"{len(captions)} images, {captions.num_captions} captions ({captions.source})")
+    click.echo(f"{'':>4} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'median rank':>12}")
+    for direction in ("t2i", "i2t"):
+        m = metrics[direction]
+        click.echo(f"{direction:>4} {m['R@1']:>6.1f} {m['R@5']:>6.1f} {m['R@10']:>6.1f} {m['median_rank']:>12g}")
+
+
 def _add_plugin_commands() -> None:
     from .plugins import get_host
 

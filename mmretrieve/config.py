@@ -126,3 +126,46 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
+
+
+@dataclass
+class TowerTraining:
+    mode: str = "frozen"  # frozen (LiT), full, top:N (last N layers), bitfit (biases only) or lora
+    lr: float = 1e-5  # learning rate for this tower's trainable parameters
+    lora_rank: int = 8  # LoRA: rank of the adapters
+    lora_alpha: int = 16  # LoRA: scaling numerator (scale = alpha / rank)
+    lora_dropout: float = 0.0  # LoRA: dropout on the adapter input
+    lora_targets: list[str] = field(default_factory=list)  # LoRA: module names; empty = the encoder's defaults
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # training pairs: JSONL, CSV, COCO captions JSON, or a folder with .txt sidecars
+    val_data: str | None = None  # validation pairs; default: a held-out split of `data`
+    val_fraction: float = 0.05  # share of images held out when val_data is not given
+    val_size: int | None = None  # exact number of held-out images (overrides val_fraction)
+    model: ModelConfig = field(default_factory=ModelConfig)  # towers and heads of a fresh model
+    init: str | None = None  # start from this bundle (or registered model) instead of `model`
+    text: TowerTraining = field(default_factory=TowerTraining)  # what trains in the text tower
+    image: TowerTraining = field(default_factory=TowerTraining)  # what trains in the image tower
+    head_lr: float = 1e-3  # learning rate of projection heads, temperature and loss parameters
+    loss: str = "infonce"  # a registered loss: infonce or siglip
+    loss_options: dict[str, Any] = field(default_factory=dict)  # passed to the loss factory
+    epochs: int = 10  # passes over the training images (one random caption per image each)
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    batch_size: int = 128  # image-caption pairs per micro-batch (per process under torchrun)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    weight_decay: float = 0.1  # AdamW decay, never applied to norms, biases or the temperature
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to zero
+    grad_clip: float | None = 1.0  # clip the global gradient norm; null disables
+    precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), fp32, bf16, fp16
+    eval_every: int | None = None  # optimiser steps between validations; default once per epoch
+    patience: int | None = None  # validations without improvement before stopping early; null: never
+    seed: int = 0  # model init, caption choice, data order and split
+    workers: int = 2  # data-loading processes (decoding and preprocessing images)
+    cache_frozen: bool = True  # embed frozen towers once and train on cached features
+    strict_data: bool = False  # stop on the first unreadable image or malformed record
+    output: str = "runs/latest"  # run folder: best/ bundle, checkpoint/, metrics.jsonl, curves.png
+    device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1, ...
+    log_every: int = 10  # optimiser steps between metric log lines

@@ -31,8 +31,10 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_PIXELS) -
                     raise InputError(f"{path}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
                 image.seek(0)  # animated GIF/WebP: the first frame
                 image.load()  # decode now so truncated files fail here, not later
-                image = ImageOps.exif_transpose(image)
-                return image.convert("RGB")
+                # Both steps copy the pixels, so skip them when there is nothing to change.
+                if image.getexif().get(0x0112, 1) != 1:
+                    image = ImageOps.exif_transpose(image)
+                return image if image.mode == "RGB" else image.convert("RGB")
     except InputError:
         raise
     except FileNotFoundError:

@@ -35,6 +35,7 @@ ENV_STRICT = "MMRETRIEVE_STRICT_PLUGINS"
 
 BUILTIN_PLUGINS = (
     "mmretrieve.default_plugins.encoders",
+    "mmretrieve.default_plugins.losses",
 )
 
 # kind -> (hook name, spec type); one registry per kind.
@@ -110,6 +111,12 @@ class PluginHost:
         self._register_module(name, lambda: plugin, PluginRecord(name, "manual", version=version))
 
     def _register_module(self, name: str, load: Callable[[], object], record: PluginRecord) -> None:
+        if self.pm.has_plugin(name):
+            # Loaded already (load_* called twice) or another plugin claims the name: keep the first.
+            first = self.records.get(name)
+            if first is None or (first.source, first.distribution) != (record.source, record.distribution):
+                log.warning("plugin name %r from %s is already taken; ignored", name, record.distribution or record.source)
+            return
         self.records[name] = record
         if self.pm.is_blocked(name):
             record.error = f"blocked by {ENV_BLOCK}"

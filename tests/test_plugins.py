@@ -119,7 +119,7 @@ def test_load_plugins_env_selects_entry_points(monkeypatch):
     monkeypatch.setenv(plugins.ENV_LOAD, "")
     host = loaded_host()
     host.load_entry_points()
-    assert set(host.records) == {"mmretrieve.default_plugins.encoders"}
+    assert {r.source for r in host.records.values()} == {"builtin"}
 
 
 def test_block_plugins_env_blocks_builtins_too(monkeypatch):

@@ -35,3 +35,35 @@ def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int =
 
 # timm ships small test architectures; test_efficientnet has 0.1M parameters.
 TINY_TIMM = "test_efficientnet"
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 40),
+           "black": (15, 15, 15), "white": (240, 240, 240), "brown": (120, 70, 20)}
+THINGS = ("dog", "cat", "car", "ball", "bike", "hat")
+
+
+def make_colour_dataset(folder: Path, per_colour: int = 6, size: int = 48, seed: int = 0) -> Path:
+    """Images that are mostly one colour, captioned with that colour: learnable in a few steps.
+
+    Returns a captions.jsonl in the format of the shared Flickr8k data.
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for colour, rgb in COLOURS.items():
+        for i in range(per_colour):
+            noise = rng.integers(-25, 26, (size, size, 3))
+            pixels = np.clip(np.array(rgb)[None, None, :] + noise, 0, 255).astype(np.uint8)
+            name = f"images/{colour}_{i}.png"
+            Image.fromarray(pixels).save(folder / name)
+            things = rng.choice(THINGS, size=3, replace=False)
+            captions = [f"a {colour} {thing}" for thing in things]
+            lines.append(json.dumps({"image": name, "captions": captions}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "captions.jsonl"

@@ -70,6 +70,16 @@ class Encoder:
         return embed_batched(items, self.preprocess, forward, self.module, self.dim, self.modality,
                              batch_size, device, progress)
 
+    # Module-name suffixes LoRA adapts by default (attention projections).
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names grouped by depth, input side first: what "train the top N" counts."""
+        raise NotImplementedError
+
+    def enable_grad_checkpointing(self) -> None:
+        raise NotImplementedError
+
     def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
         """Inputs of the right names, shapes and dtypes, for export and smoke tests."""
         raise NotImplementedError

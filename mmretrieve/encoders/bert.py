@@ -74,6 +74,20 @@ class BertEncoder(Encoder):
         super().__init__(TextTower(model, pooling), TextPreprocessor(tokenizer, TextPreprocessConfig(max_length)),
                          config.hidden_size)
 
+    lora_targets = ("query", "key", "value")
+
+    def layer_groups(self) -> list[list[str]]:
+        names = [name for name, _ in self.module.named_parameters()]
+        layers = self.module.model.encoder.layer
+        groups = [[n for n in names if n.startswith("model.embeddings.")]]
+        groups += [[n for n in names if n.startswith(f"model.encoder.layer.{i}.")] for i in range(len(layers))]
+        covered = {n for group in groups for n in group}
+        rest = [n for n in names if n not in covered]  # e.g. a final norm some variants have
+        return groups + ([rest] if rest else [])
+
+    def enable_grad_checkpointing(self) -> None:
+        self.module.model.gradient_checkpointing_enable()
+
     def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
         return self.preprocess(["an example caption"] * (batch - 1) + ["a longer example caption with more words"])
 

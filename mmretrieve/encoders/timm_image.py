@@ -36,7 +36,7 @@ class TimmEncoder(Encoder):
         import timm
 
         model_kwargs = dict(model_kwargs or {})
-        overlay = {"file": str(weights)} if weights else None
+        overlay = {**model_kwargs.pop("pretrained_cfg_overlay", {}), **({"file": str(weights)} if weights else {})} or None
         try:
             model: nn.Module = timm.create_model(model_name, pretrained=bool(pretrained or weights), num_classes=0,
                                                  pretrained_cfg_overlay=overlay, **model_kwargs)
@@ -48,6 +48,18 @@ class TimmEncoder(Encoder):
             preprocess.size = int(image_size)
         self.options = {"model_name": model_name, "model_kwargs": model_kwargs, "image_size": preprocess.size}
         super().__init__(ImageTower(model), ImagePreprocessor(preprocess), model.num_features)
+
+    lora_targets = ("qkv", "query", "key", "value")
+
+    def layer_groups(self) -> list[list[str]]:
+        from timm.models import group_parameters
+
+        model = self.module.model
+        grouped = group_parameters(model, model.group_matcher(coarse=False))
+        return [[f"model.{n}" for n in names] for _, names in sorted(grouped.items(), key=lambda kv: kv[0])]
+
+    def enable_grad_checkpointing(self) -> None:
+        self.module.model.set_grad_checkpointing(True)
 
     def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
         size = self.preprocessor.config.size

@@ -1,0 +1,1 @@
+"""Contrastive fine-tuning: data pipeline, trainable-parameter strategies, losses, the loop."""

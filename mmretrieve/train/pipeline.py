@@ -1,0 +1,187 @@
+"""Feeding the loop: deterministic batches, one caption per image per step, cached frozen towers.
+
+Batches are a pure function of (seed, epoch, position), so a resumed run sees exactly the
+batches an uninterrupted one would have, and ranks under torchrun take disjoint shards.
+Each batch holds distinct images, so no caption of the same photo appears as a false negative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..atomic import write_bytes_atomic
+from ..data import CaptionedImage
+from ..encoders.base import Encoder
+from ..errors import InputError
+from ..images import load_image
+
+log = logging.getLogger(__name__)
+
+
+class EpochBatches(Sampler):
+    """Yields lists of (image index, caption index), resumable from (epoch, batch)."""
+
+    def __init__(self, caption_counts: Sequence[int], batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.caption_counts = np.asarray(caption_counts)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.batches_per_epoch = len(self.caption_counts) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise InputError(
+                f"{len(self.caption_counts)} training images cannot fill one batch of {batch_size}"
+                + (f" on each of {world_size} processes" if world_size > 1 else "")
+                + "; lower batch_size"
+            )
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        self.epoch, self.start_batch = epoch, batch
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.caption_counts))
+        captions = (rng.random(len(order)) * self.caption_counts[order]).astype(np.int64)
+        return order, captions
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order, captions = self.epoch_plan(self.epoch)
+        per_step = self.batch_size * self.world_size
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            lo = batch * per_step + self.rank * self.batch_size
+            yield list(zip(order[lo:lo + self.batch_size].tolist(), captions[lo:lo + self.batch_size].tolist()))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+
+class PairDataset(Dataset):
+    """Decodes and preprocesses an image (unless its tower is cached) and picks its caption."""
+
+    def __init__(self, items: list[CaptionedImage], image_encoder: Encoder | None, caption_offsets: np.ndarray):
+        self.items = items
+        self.image_preprocessor = image_encoder.preprocessor if image_encoder is not None else None
+        self.caption_offsets = caption_offsets
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        image_index, caption_index = key
+        item = self.items[image_index]
+        sample: dict[str, Any] = {
+            "image_row": image_index,
+            "caption_row": int(self.caption_offsets[image_index] + caption_index),
+            "caption": item.captions[caption_index],
+        }
+        if self.image_preprocessor is not None:
+            sample["pixel_values"] = self.image_preprocessor.transform(load_image(item.image))
+        return sample
+
+
+class Collate:
+    """Stacks a batch; tokenises captions when the text tower is live (in the worker)."""
+
+    def __init__(self, text_preprocessor=None):
+        self.text_preprocessor = text_preprocessor
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "image_row": torch.tensor([s["image_row"] for s in samples]),
+            "caption_row": torch.tensor([s["caption_row"] for s in samples]),
+        }
+        if "pixel_values" in samples[0]:
+            batch["image_inputs"] = {"pixel_values": torch.from_numpy(np.stack([s["pixel_values"] for s in samples]))}
+        if self.text_preprocessor is not None:
+            tokens = self.text_preprocessor([s["caption"] for s in samples])
+            batch["text_inputs"] = {k: torch.from_numpy(v) for k, v in tokens.items()}
+        return batch
+
+
+def caption_offsets(items: list[CaptionedImage]) -> np.ndarray:
+    """Row of each image's first caption in the flat list of all captions."""
+    counts = np.array([len(item.captions) for item in items])
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def all_captions(items: list[CaptionedImage]) -> list[str]:
+    return [caption for item in items for caption in item.captions]
+
+
+def tower_fingerprint(encoder: Encoder) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(json.dumps(getattr(encoder.preprocessor, "config", None).__dict__, sort_keys=True,
+                             default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+class _PreprocessedImages(Dataset):
+    def __init__(self, paths: list, preprocessor):
+        self.paths, self.preprocessor = paths, preprocessor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.preprocessor.transform(load_image(self.paths[index]))
+
+
+@torch.inference_mode()
+def tower_features(encoder: Encoder, inputs: list, batch_size: int, device: torch.device, workers: int = 0,
+                   forward=None, progress: bool = True) -> np.ndarray:
+    """Raw features of a tower in eval mode; images are decoded in `workers` processes."""
+    from torch.utils.data import DataLoader
+
+    from ..progress import progress_bar
+
+    forward = forward or encoder.forward
+    encoder.module.to(device).eval()
+    if encoder.modality == "text":
+        batches = (encoder.preprocess(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size))
+    else:
+        loader = DataLoader(_PreprocessedImages(inputs, encoder.preprocessor), batch_size=batch_size,
+                            num_workers=workers, persistent_workers=False)
+        batches = ({"pixel_values": pixels} for pixels in loader)
+    rows = []
+    with progress_bar(total=len(inputs), unit=encoder.modality, desc=f"{encoder.modality} features",
+                      disable=not progress) as bar:
+        for batch in batches:
+            tensors = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+            out = forward(tensors).float().cpu().numpy()
+            rows.append(out)
+            bar.update(len(out))
+    return np.concatenate(rows) if rows else np.zeros((0, encoder.dim), dtype=np.float32)
+
+
+def cached_tower_features(encoder: Encoder, inputs: list, cache_dir: Path | None, batch_size: int,
+                          device: torch.device, label: str, fingerprint: str, workers: int = 0) -> torch.Tensor:
+    """Raw (pre-head) features of a frozen tower for every input, computed once per
+    (weights, preprocessing, inputs) and kept on disk so resumed runs skip the work."""
+    key = hashlib.sha256((fingerprint + "\n" + "\n".join(map(str, inputs))).encode()).hexdigest()[:16]
+    path = cache_dir / f"{label}-{key}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        features = np.load(path)
+        if features.shape == (len(inputs), encoder.dim):
+            log.info("using cached %s features from %s", label, path)
+            return torch.from_numpy(features)
+    features = tower_features(encoder, inputs, batch_size, device, workers)
+    if path is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, features)
+        write_bytes_atomic(path, buffer.getvalue())
+    return torch.from_numpy(features)

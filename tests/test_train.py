@@ -1,0 +1,209 @@
+"""Contrastive training on tiny random-initialised towers and a generated colour data set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmretrieve.bundle import load_bundle
+from mmretrieve.config import ModelConfig, TowerConfig, TowerTraining, TrainConfig
+from mmretrieve.errors import ConfigError, InputError
+from mmretrieve.train import checkpoint as ckpt
+from mmretrieve.train.loop import Trainer, run_training
+from tiny_models import TINY_TIMM, make_colour_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    return make_colour_dataset(tmp_path_factory.mktemp("colours"), per_colour=6)
+
+
+@pytest.fixture
+def make_config(tiny_bert_dir, colour_data, tmp_path):
+    def make(**overrides) -> TrainConfig:
+        model = ModelConfig(
+            text=TowerConfig("bert", {"model_name": str(tiny_bert_dir), "max_length": 16}),
+            image=TowerConfig(f"timm:{TINY_TIMM}", {"pretrained": False, "image_size": 48}),
+            embed_dim=16,
+        )
+        settings = dict(data=str(colour_data), model=model, val_size=14, batch_size=7, epochs=2, warmup_steps=2,
+                        workers=0, head_lr=0.01, output=str(tmp_path / "run"), log_every=1)
+        settings.update(overrides)
+        return TrainConfig(**settings)
+    return make
+
+
+def model_state(folder) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(folder / "checkpoint")["model"]
+
+
+def test_training_improves_retrieval_and_writes_the_run_folder(make_config, tmp_path):
+    result = run_training(make_config(epochs=30))
+    assert result.steps == 30 * 4  # 28 training images // 7 per batch
+    base, best = result.baseline, result.best
+    assert best["t2i"]["R@5"] >= base["t2i"]["R@5"] + 40
+    assert best["i2t"]["R@5"] >= base["i2t"]["R@5"] + 40
+    run = tmp_path / "run"
+    for name in ("best/manifest.json", "metrics.jsonl", "curves.png", "summary.json", "train_config.json",
+                 "checkpoint/state.pt"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["baseline"] and {"loss", "lr", "pairs_per_s", "data_wait", "temperature"} <= set(records[1])
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # The best bundle reproduces the validation numbers it was saved with.
+    from mmretrieve.data import load_captions
+    from mmretrieve.evaluate import evaluate_model
+
+    bundle = load_bundle(run / "best")
+    assert bundle.bundle.manifest["metadata"]["val"] == best
+    # The split is seeded, so it can be recomputed the same way.
+    from mmretrieve.data import split_by_image
+
+    _, val_items = split_by_image(load_captions(make_config().data).items, 0.05, 0, 14)
+    assert evaluate_model(bundle, val_items) == best
+
+
+def test_full_fine_tuning_improves_retrieval(make_config):
+    from mmretrieve.metrics import mean_recall
+
+    result = run_training(make_config(text=TowerTraining("full", lr=1e-3), image=TowerTraining("full", lr=1e-3),
+                                      epochs=10))
+    assert mean_recall(result.best) >= mean_recall(result.baseline) + 15
+
+
+def test_frozen_towers_train_heads_on_cached_features(make_config, tmp_path):
+    result = run_training(make_config(epochs=3))
+    assert len(list((tmp_path / "run" / "cache").glob("*.npy"))) == 4  # image/text x train/val
+    state = model_state(tmp_path / "run")
+    tower_parameters = {n for n, _ in Trainer(make_config(output=str(tmp_path / "other"))).model.named_parameters()
+                        if n.startswith(("text_tower.", "image_tower."))}
+    assert not tower_parameters & set(state), "frozen tower weights are rebuilt, not checkpointed"
+    assert {"text_head.weight", "image_head.weight", "logit_scale"} <= set(state)
+    assert result.best is not None
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(make_config, tmp_path, monkeypatch):
+    settings = dict(text=TowerTraining("full", lr=1e-3), image=TowerTraining("top:1", lr=1e-3), epochs=2,
+                    eval_every=100)
+    run_training(make_config(output=str(tmp_path / "straight"), **settings))
+
+    original_report = Trainer._report
+
+    def interrupt_after_step_3(self, bar, window):
+        original_report(self, bar, window)
+        if self.state["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_report", interrupt_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(make_config(output=str(tmp_path / "killed"), **settings))
+    assert json.loads(ckpt.load_checkpoint(tmp_path / "killed" / "checkpoint")["trainer"])["step"] == 3
+    monkeypatch.setattr(Trainer, "_report", original_report)
+    resumed = Trainer(make_config(output=str(tmp_path / "killed"), **settings), resume=True).train()
+    assert resumed.steps == 8
+    straight, killed = model_state(tmp_path / "straight"), model_state(tmp_path / "killed")
+    assert straight.keys() == killed.keys()
+    for name in straight:
+        torch.testing.assert_close(killed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_existing_run_needs_resume_and_resume_needs_the_same_settings(make_config):
+    run_training(make_config(epochs=1))
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        Trainer(make_config(epochs=1))
+    with pytest.raises(ConfigError, match="cannot resume .*: batch_size differs"):
+        Trainer(make_config(epochs=2, batch_size=4), resume=True)
+
+
+def test_resume_without_a_checkpoint_is_refused(make_config):
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        Trainer(make_config(), resume=True)
+
+
+@pytest.mark.parametrize("mode, trains", [
+    ("frozen", lambda name: False),
+    ("full", lambda name: True),
+    ("bitfit", lambda name: name.endswith("bias")),
+    ("top:1", lambda name: name.startswith("model.encoder.layer.1.")),
+])
+def test_text_tower_training_modes(make_config, mode, trains):
+    trainer = Trainer(make_config(text=TowerTraining(mode)))
+    params = dict(trainer.model.text_tower.named_parameters())
+    assert {n for n, p in params.items() if p.requires_grad} == {n for n in params if trains(n)}
+
+
+def test_lora_trains_adapters_and_bundles_them_merged(make_config, tmp_path):
+    config = make_config(text=TowerTraining("lora", lr=1e-2, lora_rank=4), epochs=2)
+    trainer = Trainer(config)
+    trainable = [n for n, p in trainer.model.text_tower.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    result = trainer.train()
+    bundle = load_bundle(tmp_path / "run" / "best")
+    assert not any("lora" in k for k in bundle.state_dict())
+    texts = ["a red dog", "a blue car"]
+    assert np.allclose(bundle.embed("text", texts), trainer.model.embed("text", texts), atol=1e-5)
+    assert result.best is not None
+
+
+def test_lora_without_matching_layers_is_one_sentence(make_config):
+    with pytest.raises(ConfigError, match="LoRA found no layers named .* in the image tower"):
+        Trainer(make_config(image=TowerTraining("lora")))
+
+
+def test_bad_mode_is_refused(make_config):
+    with pytest.raises(ConfigError, match="tower training mode must be one of"):
+        Trainer(make_config(text=TowerTraining("top:x")))
+
+
+def test_siglip_loss_trains_its_bias(make_config, tmp_path):
+    trainer = Trainer(make_config(loss="siglip", epochs=3, head_lr=0.05))
+    bias_before = trainer.loss.logit_bias.item()
+    result = trainer.train()
+    assert trainer.loss.logit_bias.item() != bias_before
+    assert result.best["t2i"]["R@5"] >= result.baseline["t2i"]["R@5"]
+
+
+def test_early_stopping_with_patience(make_config):
+    # Nothing can improve with every learning rate at zero, so patience runs out.
+    result = run_training(make_config(head_lr=0.0, epochs=10, eval_every=2, patience=2))
+    assert result.stopped_early and result.steps == 6  # best at step 2, two evaluations without gain
+
+
+def test_gradient_accumulation_and_bf16_autocast(make_config):
+    result = run_training(make_config(grad_accum=2, precision="bf16", text=TowerTraining("full"), epochs=2))
+    assert result.steps == 4  # 8 micro-batches / 2
+
+
+def test_fp16_on_cpu_is_refused(make_config):
+    with pytest.raises(ConfigError, match="fp16 autocast needs a CUDA device"):
+        Trainer(make_config(precision="fp16"))
+
+
+def test_too_few_images_for_a_batch(make_config):
+    with pytest.raises(InputError, match="cannot fill one batch of 64"):
+        Trainer(make_config(batch_size=64))
+
+
+def test_bad_training_images_are_skipped_or_stop_under_strict(make_config, colour_data, tmp_path):
+    lines = colour_data.read_text().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
+    extra = json.dumps({"image": "images/bad.png", "captions": ["a red hat"]})
+    absolute = [json.dumps({**json.loads(line), "image": str(colour_data.parent / json.loads(line)["image"])})
+                for line in lines]
+    broken.write_text("\n".join([*absolute, extra, "{not json"]) + "\n")
+    trainer = Trainer(make_config(data=str(broken)))
+    assert len(trainer.train_set.skipped) == 2
+    with pytest.raises(InputError, match=r"broken.jsonl:44: not valid JSON"):
+        Trainer(make_config(data=str(broken), strict_data=True, output=str(tmp_path / "strict")))
+
+
+def test_gradient_checkpointing_runs(make_config):
+    result = run_training(make_config(text=TowerTraining("full", grad_checkpointing=True), epochs=1))
+    assert result.steps == 4
