@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -165,6 +166,8 @@ def train(data, val_data, init_model, text_encoder, image_encoder, text_mode, im
     from .train.loop import run_training
 
     result = run_training(config, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports for everyone
     if as_json:
         echo_json(result.__dict__)
         return

@@ -207,3 +207,50 @@ def test_bad_training_images_are_skipped_or_stop_under_strict(make_config, colou
 def test_gradient_checkpointing_runs(make_config):
     result = run_training(make_config(text=TowerTraining("full", grad_checkpointing=True), epochs=1))
     assert result.steps == 4
+
+
+def test_train_and_eval_commands(make_config, tmp_path, tiny_bert_dir, colour_data):
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "val_size": 14, "batch_size": 7, "warmup_steps": 2, "workers": 0, "head_lr": 0.01, "log_every": 1,
+        "model": {"embed_dim": 16,
+                  "text": {"encoder": "bert", "options": {"model_name": str(tiny_bert_dir), "max_length": 16}},
+                  "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": 48}}},
+    }))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "--config", str(config), "--data", str(colour_data), "--epochs", "20",
+                                 "-o", str(tmp_path / "cli-run"), "--set", "seed=1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "trained 80 steps" in result.stdout and "start" in result.stdout and "best" in result.stdout
+    saved = json.loads((tmp_path / "cli-run" / "train_config.json").read_text())
+    assert saved["epochs"] == 20 and saved["seed"] == 1 and saved["model"]["embed_dim"] == 16
+
+    result = runner.invoke(cli, ["eval", "--model", str(tmp_path / "cli-run" / "best"), "--data", str(colour_data),
+                                 "--json", "--workers", "0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"t2i", "i2t"}
+    for direction in metrics.values():
+        assert {"R@1", "R@5", "R@10", "median_rank"} == set(direction)
+        assert 0 <= direction["R@1"] <= direction["R@5"] <= direction["R@10"] <= 100
+
+    table = runner.invoke(cli, ["eval", "--model", str(tmp_path / "cli-run" / "best"), "--data", str(colour_data),
+                                "--workers", "0"])
+    assert "42 images, 126 captions" in table.stdout and "t2i" in table.stdout
+
+    again = runner.invoke(cli, ["train", "--config", str(config), "--data", str(colour_data),
+                                "-o", str(tmp_path / "cli-run")])
+    assert again.exit_code != 0 and "already holds a run; pass --resume" in again.output
+
+
+def test_train_without_data_is_one_sentence():
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "-o", "/tmp/never-written"])
+    assert result.exit_code != 0 and "no training data: give --data FILE" in result.output

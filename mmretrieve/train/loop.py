@@ -86,6 +86,27 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+def open_tensorboard(folder: Path):
+    """A SummaryWriter when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def flatten_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"val": {"t2i": {"R@1": 3}}} -> {"val/t2i/R@1": 3}, numbers only."""
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_numbers(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
 class ContrastiveStep(nn.Module):
     """One forward pass to the loss. Frozen towers are replaced by their cached features."""
 
@@ -143,6 +164,8 @@ def bundle_view(model):
 
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
+        if not config.data:
+            raise ConfigError("no training data: give --data FILE (JSONL, CSV, COCO JSON or a folder)")
         self.config = config
         self.output = Path(config.output)
         self.dist = init_distributed("cuda" if config.device.startswith("cuda") or
@@ -177,6 +200,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup_steps,
                                                                                          self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.tensorboard = open_tensorboard(self.output / "tensorboard") if self.main else None
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": 0, "baseline": None,
                       "bad_evals": 0, "seconds": 0.0}
         if resume:
@@ -207,8 +231,6 @@ class Trainer:
 
     def _load_data(self) -> tuple[CaptionSet, list]:
         config = self.config
-        if not config.data:
-            raise ConfigError("no training data: give --data FILE (JSONL, CSV, COCO JSON or a folder)")
         train = load_captions(config.data, strict=config.strict_data, progress=self.main)
         if train.skipped and self.main:
             log.warning("%s", train.summary())
@@ -329,6 +351,11 @@ class Trainer:
             return
         with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in flatten_numbers(record).items():
+                if key not in ("step", "epoch"):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
 
     def _after_validation(self, metrics: dict | None, rng: dict[str, Any]) -> bool:
         """Log, keep the best bundle, checkpoint; return True when patience has run out."""
@@ -418,6 +445,8 @@ class Trainer:
             from .plot import plot_curves
 
             plot_curves(self.output / "metrics.jsonl", self.output / "curves.png")
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         cleanup(self.dist)
         return result
 
