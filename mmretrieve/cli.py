@@ -217,6 +217,131 @@ def evaluate(model_ref, data, batch_size, workers, device, as_json):
         click.echo(f"{direction:>4} {m['R@1']:>6.1f} {m['R@5']:>6.1f} {m['R@10']:>6.1f} {m['median_rank']:>12g}")
 
 
+def _parse_size(text: str | None) -> int | None:
+    """'4GB', '512MB', '1.5G' -> bytes."""
+    if not text:
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    value = text.strip().lower().rstrip("b").rstrip("i")
+    try:
+        return int(float(value[:-1]) * units[value[-1]]) if value[-1] in units else int(float(value))
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{text!r} is not a size like 4GB or 512MB") from None
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path())
+@click.option("--model", "model_ref", help="Bundle or registered model (default: the index's own model).")
+@click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: index/images, or index/texts with --texts).")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (path relative to PATH, or name); repeatable.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching; repeatable.")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default="auto", show_default=True,
+              help="auto picks by collection size and --memory-budget.")
+@click.option("--memory-budget", help="Memory the index may use, e.g. 4GB (for --index-type auto).")
+@click.option("--captions", "captions_file", type=click.Path(exists=True),
+              help="Captions or titles for the images (JSONL, CSV, COCO JSON), stored as metadata.")
+@click.option("--texts", "texts_file", type=click.Path(exists=True),
+              help="Index the captions of this data file instead of images (for image->text search).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (default: cores - 1).")
+@click.option("--commit-every", type=click.IntRange(1), default=5000, show_default=True,
+              help="Publish the index every N embedded images (a killed run keeps them either way).")
+@click.option("--runtime", default="auto", show_default=True, help="Inference runtime (see `mmretrieve plugins`).")
+@click.option("--device", help="torch device (default: cuda when present).")
+@click.option("--rebuild", is_flag=True, help="Re-embed everything (needed to switch models).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def index(path, model_ref, index_dir, include, exclude, index_type, memory_budget, captions_file, texts_file,
+          batch_size, workers, commit_every, runtime, device, rebuild, as_json):
+    """Embed a folder of images (or a captions file) into a FAISS index.
+
+    Re-running indexes only new or changed files and drops vanished ones; a killed run
+    resumes where it stopped. Unreadable files are listed and skipped.
+    """
+    from .api import default_index_dir
+    from .index.store import MANIFEST, read_manifest
+    from .runtime import load_embedder
+
+    if bool(path) == bool(texts_file):
+        raise click.UsageError("give a PATH of images to index, or --texts FILE to index captions")
+    folder = Path(index_dir) if index_dir else default_index_dir("text" if texts_file else "image")
+    if not model_ref:
+        if not (folder / MANIFEST).is_file():
+            raise click.UsageError(f"{folder} does not exist yet: give --model MODEL to create it")
+        from .index.search import _model_location
+
+        model_ref = _model_location(read_manifest(folder)["model"])
+    embedder = load_embedder(model_ref, runtime, device)
+    if texts_file:
+        from .index.builder import index_texts
+
+        report = index_texts(texts_file, folder, embedder, index_type=index_type, rebuild=rebuild)
+    else:
+        from .index.builder import index_images
+
+        captions = None
+        if captions_file:
+            from .data import load_captions
+
+            captions = {str(i.image.resolve()): i.captions for i in load_captions(captions_file, check_images=False).items}
+        workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+        report = index_images(path, folder, embedder, include, exclude, index_type, batch_size, workers, commit_every,
+                              captions, rebuild, memory_budget=_parse_size(memory_budget))
+    if as_json:
+        echo_json(report.__dict__)
+        return
+    click.echo(f"{report.index_dir}: {report.total} items ({report.index_type}, generation {report.generation}); "
+               f"added {report.added}, updated {report.updated}, removed {report.removed}, "
+               f"unchanged {report.unchanged}, failed {len(report.failed)}; "
+               f"{report.seconds:.1f}s, {report.items_per_s:.1f} items/s")
+    for failure in report.failed:
+        click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
+
+
+@cli.command()
+@click.argument("queries", nargs=-1)
+@click.option("--image", "images", multiple=True, type=click.Path(), help="Search by this image (repeatable).")
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Results per query.")
+@click.option("--min-score", type=float, help="Drop results scoring below this cosine similarity.")
+@click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: index/images).")
+@click.option("--texts", "search_texts", is_flag=True, help="Search the caption index (default dir index/texts).")
+@click.option("--model", "model_ref", help="Model to embed queries with (must be the index's).")
+@click.option("--runtime", default="auto", show_default=True)
+@click.option("--device", help="torch device (default: cuda when present).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of results (per query if several).")
+@click.option("-p", "--paths", "paths_only", is_flag=True, help="Print only paths, one per line (for piping).")
+def search(queries, images, k, min_score, index_dir, search_texts, model_ref, runtime, device, as_json, paths_only):
+    """Search an index by text (QUERY, or - to read queries from stdin) or by --image."""
+    from .api import default_index_dir
+    from .index.search import IndexReader
+
+    queries = list(queries)
+    if queries == ["-"]:
+        queries = [line.strip() for line in sys.stdin if line.strip()]
+    if bool(queries) == bool(images):
+        raise click.UsageError("give text QUERY arguments or --image PATH, not both and not neither")
+    folder = Path(index_dir) if index_dir else default_index_dir("text" if search_texts else "image")
+    reader = IndexReader(folder, model=model_ref, runtime=runtime, device=device)
+    results = reader.search_text(queries, k, min_score) if queries else reader.search_image(images, k, min_score)
+    labels = queries or list(images)
+    if as_json:
+        payload = [[hit.as_dict() for hit in hits] for hits in results]
+        echo_json(payload[0] if len(payload) == 1 else
+                  [{"query": label, "results": hits} for label, hits in zip(labels, payload)])
+        return
+    for label, hits in zip(labels, results):
+        if paths_only:
+            for hit in hits:
+                click.echo(hit.as_dict()["path"])
+            continue
+        if len(labels) > 1:
+            click.echo(f"# {label}")
+        if not hits:
+            click.echo("no results" + (f" scoring at least {min_score}" if min_score is not None else ""))
+        for hit in hits:
+            shown = hit.item.text if hit.item.text is not None else hit.path
+            click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {shown}")
+
+
 def _add_plugin_commands() -> None:
     from .plugins import get_host
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -18,17 +19,22 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Return an RGB image upright as the camera saw it, or raise InputError with the reason."""
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """Return an RGB image upright as the camera saw it, or raise InputError with the reason.
+
+    ``source`` is a path, a PIL image, or the file's bytes (then ``name`` labels messages).
+    """
     if isinstance(source, Image.Image):
         return source.convert("RGB") if source.mode != "RGB" else source
-    path = Path(source)
+    label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+    stream = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(stream) as image:
                 if image.width * image.height > max_pixels:
-                    raise InputError(f"{path}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
+                    raise InputError(f"{label}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
                 image.seek(0)  # animated GIF/WebP: the first frame
                 image.load()  # decode now so truncated files fail here, not later
                 # Both steps copy the pixels, so skip them when there is nothing to change.
@@ -38,13 +44,13 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_PIXELS) -
     except InputError:
         raise
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise InputError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not an image") from None
+        raise InputError(f"{label}: is a folder, not an image") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image file Pillow can read") from None
+        raise InputError(f"{label}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: unreadable image ({exc})") from None
+        raise InputError(f"{label}: unreadable image ({exc})") from None
 
 
 def list_images(root: Path) -> list[Path]:

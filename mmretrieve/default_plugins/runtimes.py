@@ -1,0 +1,10 @@
+"""The built-in inference runtimes."""
+
+from mmretrieve import hookimpl
+from mmretrieve.specs import RuntimeSpec
+
+
+@hookimpl
+def register_runtimes(register):
+    register(RuntimeSpec(name="torch", factory="mmretrieve.runtime.torch_runtime:TorchEmbedder",
+                         description="PyTorch, on CUDA when present (model bundles)"))
