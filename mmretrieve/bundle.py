@@ -12,7 +12,6 @@ leaves the previous bundle (or nothing) behind, never a half-written one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from . import __version__
 from .config import ModelConfig, from_dict, to_dict
 from .errors import BundleError, UnknownNameError
+from .formats import check_format, sha256_file
 
 FORMAT = "mmretrieve-bundle"
 FORMAT_VERSION = 1
@@ -29,14 +29,6 @@ MANIFEST = "manifest.json"
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
 TOWERS = ("text", "image")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -122,13 +114,7 @@ def read_bundle_info(ref: str | Path, verify: bool = False) -> BundleInfo:
         model_json = json.loads((folder / MODEL_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{folder}: unreadable bundle metadata ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{folder}: not an mmretrieve bundle (format {manifest.get('format')!r})")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise BundleError(
-            f"{folder} uses bundle format {manifest['format_version']}, newer than this mmretrieve "
-            f"({__version__}) reads ({FORMAT_VERSION}); upgrade with `pip install -U mmretrieve`"
-        )
+    check_format(manifest, folder, FORMAT, FORMAT_VERSION, "bundle", BundleError)
     if verify:
         for name, expected in manifest["files"].items():
             file = folder / name

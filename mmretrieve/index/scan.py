@@ -8,13 +8,13 @@ embedded again.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from ..errors import InputError
+from ..formats import sha256_file
 from ..images import IMAGE_SUFFIXES
 
 
@@ -36,14 +36,6 @@ class ScanPlan:
     @property
     def to_embed(self) -> list[FileState]:
         return self.new + self.changed
-
-
-def sha256_of(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _matches(relative: str, patterns: Iterable[str]) -> bool:
@@ -99,7 +91,7 @@ def plan_changes(found: list[FileState], known: dict[str, tuple[int, int, str | 
         size, mtime_ns, digest = record
         if size == state.size and mtime_ns == state.mtime_ns:
             plan.unchanged += 1
-        elif size == state.size and digest and sha256_of(state.path) == digest:
+        elif size == state.size and digest and sha256_file(state.path) == digest:
             plan.touched.append((state, digest))
         else:
             plan.changed.append(state)

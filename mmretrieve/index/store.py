@@ -26,6 +26,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text_atomic
 from ..errors import InputError
+from ..formats import check_format
 
 FORMAT = "mmretrieve-index"
 FORMAT_VERSION = 1
@@ -141,8 +142,11 @@ class IndexStore:
         return out
 
     def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._embeddings("items")
+
+    def _embeddings(self, table: str) -> tuple[np.ndarray, np.ndarray]:
         dim = int(self.manifest["embed_dim"])
-        rows = self.db.execute("SELECT id, embedding FROM items ORDER BY id").fetchall()
+        rows = self.db.execute(f"SELECT id, embedding FROM {table} ORDER BY id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
         return ids, vectors
@@ -182,11 +186,7 @@ class IndexStore:
             self.db.executemany("UPDATE items SET size = ?, mtime_ns = ? WHERE path = ?", updates)
 
     def staged(self) -> tuple[np.ndarray, np.ndarray]:
-        dim = int(self.manifest["embed_dim"])
-        rows = self.db.execute("SELECT id, embedding FROM staged ORDER BY id").fetchall()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-        return ids, vectors
+        return self._embeddings("staged")
 
     def publish(self, generation: int, removed_paths: list[str], manifest_updates: dict[str, Any]) -> None:
         """Make generation N current: staged rows in, removed paths out, in one transaction."""
@@ -211,13 +211,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON ({exc}); the index folder is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{folder} is not an mmretrieve index (format {manifest.get('format')!r})")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise InputError(
-            f"{folder} uses index format {manifest['format_version']}, newer than this mmretrieve ({__version__}) "
-            f"reads ({FORMAT_VERSION}); upgrade with `pip install -U mmretrieve`"
-        )
+    check_format(manifest, folder, FORMAT, FORMAT_VERSION, "index", InputError)
     return manifest
 
 
