@@ -81,3 +81,11 @@ def test_example_inputs_run_through_the_module(bert, image_encoder):
         assert set(inputs) == set(encoder.input_names)
         with torch.no_grad():
             assert encoder.forward(inputs).shape == (3, encoder.dim)
+
+
+@pytest.mark.parametrize("name", [TINY_TIMM, "mobilenetv3_small_050", "test_vit"])
+def test_timm_dim_is_the_width_of_what_the_tower_returns(name):
+    encoder = create_encoder(f"timm:{name}", pretrained=False)
+    inputs = {k: torch.from_numpy(v) for k, v in encoder.example_inputs(1).items()}
+    with torch.no_grad():
+        assert encoder.forward(inputs).shape == (1, encoder.dim)

@@ -47,7 +47,9 @@ class TimmEncoder(Encoder):
         if image_size:
             preprocess.size = int(image_size)
         self.options = {"model_name": model_name, "model_kwargs": model_kwargs, "image_size": preprocess.size}
-        super().__init__(ImageTower(model), ImagePreprocessor(preprocess), model.num_features)
+        # With num_classes=0 some models (MobileNetV3, ...) still apply a hidden pre-logits layer.
+        dim = getattr(model, "head_hidden_size", None) or model.num_features
+        super().__init__(ImageTower(model), ImagePreprocessor(preprocess), dim)
 
     lora_targets = ("qkv", "query", "key", "value")
 
