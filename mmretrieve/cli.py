@@ -53,7 +53,7 @@ def config_options(func):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json: bool) -> None:
     """List plugins, their versions and what each registers."""
-    from .plugins import KINDS, get_host
+    from .plugins import KINDS, PLURALS, get_host
 
     host = get_host()
     for kind in KINDS:
@@ -64,7 +64,7 @@ def plugins(as_json: bool) -> None:
         return
     rows = [("plugin", "version", "source", "registers")]
     for record in host.records.values():
-        what = "; ".join(f"{kind}s: {', '.join(names)}" for kind, names in sorted(record.registered.items()))
+        what = "; ".join(f"{PLURALS[kind]}: {', '.join(names)}" for kind, names in sorted(record.registered.items()))
         if record.error:
             what = f"SKIPPED ({record.error})"
         elif record.refused:

@@ -51,6 +51,11 @@ KINDS: dict[str, tuple[str, type]] = {
 }
 
 
+# How each kind is named in listings (`mmretrieve plugins`, its --json keys).
+PLURALS = {"encoder": "encoders", "fusion": "fusion_strategies", "loss": "losses",
+           "index_backend": "index_backends", "runtime": "runtimes", "model": "models"}
+
+
 @dataclass
 class PluginRecord:
     name: str  # the pluggy name: module path for built-ins, entry-point name otherwise
@@ -69,7 +74,7 @@ class PluginRecord:
             "distribution": self.distribution,
             "error": self.error,
             "refused": self.refused,
-            **{f"{kind}s": names for kind, names in sorted(self.registered.items())},
+            **{PLURALS[kind]: names for kind, names in sorted(self.registered.items())},
         }
 
 

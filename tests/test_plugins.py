@@ -48,7 +48,9 @@ def test_every_hook_reaches_its_registry():
         assert spec.plugin == "every-hook"
     assert host.registry("encoder").get("fake").name == "fake-text"  # alias
     assert host.registry("encoder").get("fake-text").build(dim=3) == {"dim": 3}
-    assert host.records["every-hook"].as_dict()["fusions"] == ["fake-fusion"]
+    listed = host.records["every-hook"].as_dict()
+    assert listed["fusion_strategies"] == ["fake-fusion"] and listed["losses"] == ["fake-loss"]
+    assert listed["index_backends"] == ["fake-index"] and listed["models"] == ["fake-model"]
 
 
 def test_name_clash_is_refused_and_the_first_owner_kept(caplog):
