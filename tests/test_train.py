@@ -72,8 +72,8 @@ def test_full_fine_tuning_improves_retrieval(make_config):
     from mmretrieve.metrics import mean_recall
 
     result = run_training(make_config(text=TowerTraining("full", lr=1e-3), image=TowerTraining("full", lr=1e-3),
-                                      epochs=10))
-    assert mean_recall(result.best) >= mean_recall(result.baseline) + 15
+                                      epochs=20))
+    assert mean_recall(result.best) >= mean_recall(result.baseline) + 25
 
 
 def test_frozen_towers_train_heads_on_cached_features(make_config, tmp_path):
@@ -161,11 +161,12 @@ def test_bad_mode_is_refused(make_config):
 
 
 def test_siglip_loss_trains_its_bias(make_config, tmp_path):
-    trainer = Trainer(make_config(loss="siglip", epochs=3, head_lr=0.05))
+    trainer = Trainer(make_config(loss="siglip", epochs=30))
     bias_before = trainer.loss.logit_bias.item()
     result = trainer.train()
     assert trainer.loss.logit_bias.item() != bias_before
-    assert result.best["t2i"]["R@5"] >= result.baseline["t2i"]["R@5"]
+    assert result.best["t2i"]["R@5"] >= result.baseline["t2i"]["R@5"] + 40
+    assert result.best["i2t"]["R@5"] >= result.baseline["i2t"]["R@5"] + 40
 
 
 def test_early_stopping_with_patience(make_config):

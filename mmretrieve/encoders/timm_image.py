@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..errors import InputError
@@ -21,7 +22,9 @@ class ImageTower(nn.Module):
         self.model = model
 
     def forward(self, pixel_values):
-        return self.model(pixel_values)
+        # Convolutions run ~1.6x faster on CPU in channels-last layout (measured on
+        # EfficientNet-Lite0); the conversion is free when the input is already in it.
+        return self.model(pixel_values.contiguous(memory_format=torch.channels_last))
 
 
 class TimmEncoder(Encoder):
@@ -49,6 +52,7 @@ class TimmEncoder(Encoder):
         self.options = {"model_name": model_name, "model_kwargs": model_kwargs, "image_size": preprocess.size}
         # With num_classes=0 some models (MobileNetV3, ...) still apply a hidden pre-logits layer.
         dim = getattr(model, "head_hidden_size", None) or model.num_features
+        model.to(memory_format=torch.channels_last)
         super().__init__(ImageTower(model), ImagePreprocessor(preprocess), dim)
 
     lora_targets = ("qkv", "query", "key", "value")

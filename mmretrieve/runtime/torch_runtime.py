@@ -15,9 +15,6 @@ class TorchEmbedder:
         self.model = load_bundle(model_ref)
         self.device = torch.device(device) if device else auto_device()
         self.model.to(self.device).eval()
-        if self.device.type == "cpu":
-            # Convolutions run markedly faster on CPU in channels-last layout.
-            self.model.image_tower.to(memory_format=torch.channels_last)
         self.fingerprint = self.model.bundle.fingerprint
         self.embed_dim = self.model.embed_dim
         self.image_preprocessor = self.model.image_encoder.preprocessor
@@ -27,8 +24,6 @@ class TorchEmbedder:
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(pixels).to(self.device)
-        if self.device.type == "cpu":
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
         return self.model.encode_image({"pixel_values": tensor}).float().cpu().numpy()
 
     @torch.inference_mode()
