@@ -35,7 +35,8 @@ def clustered(n: int, dim: int, clusters: int = 50, spread: float = 0.5, seed: i
     """
     centres = np.random.default_rng([clusters, dim]).standard_normal((clusters, dim))
     rng = np.random.default_rng(seed)
-    points = centres[rng.integers(0, clusters, n)] * np.sqrt(1 / dim) + rng.standard_normal((n, dim)) * spread / np.sqrt(dim)
+    noise = rng.standard_normal((n, dim)) * spread
+    points = (centres[rng.integers(0, clusters, n)] + noise) / np.sqrt(dim)
     points /= np.linalg.norm(points, axis=1, keepdims=True)
     return points.astype(np.float32)
 
@@ -117,6 +118,7 @@ def test_add_search_remove_save_load(kind, tmp_path):
         np.testing.assert_allclose(again_scores, expected_scores, rtol=1e-5, atol=1e-6)
 
     mapped = load_index(folder, mmap=True)
+    assert mapped.memory_bytes() < load_index(folder).memory_bytes()  # the bulk is page cache
     with pytest.raises(InputError, match="read-only"):
         mapped.add([1], vectors[:1])
     with pytest.raises(InputError, match="read-only"):
@@ -329,8 +331,11 @@ def test_loading_a_folder_of_another_kind_or_a_corrupt_one(tmp_path):
     meta.write_text(good[: len(good) // 2])
     with pytest.raises(InputError, match="cannot be read as JSON"):
         load_index(folder)
-    meta.write_text(json.dumps({**json.loads(good), "version": 99}))
-    with pytest.raises(InputError, match="format version 99"):
+    meta.write_text(json.dumps({**json.loads(good), "format_version": 99}))
+    with pytest.raises(InputError, match="format 99, newer than"):
+        load_index(folder)
+    meta.write_text(json.dumps({**json.loads(good), "format": "something-else"}))
+    with pytest.raises(InputError, match="not an mmretrieve vector index"):
         load_index(folder)
     meta.write_text(json.dumps({**json.loads(good), "kind": "annoy"}))
     with pytest.raises(UnknownNameError, match="annoy"):
