@@ -86,7 +86,10 @@ class BertEncoder(Encoder):
         return groups + ([rest] if rest else [])
 
     def enable_grad_checkpointing(self) -> None:
-        self.module.model.gradient_checkpointing_enable()
+        model = self.module.model
+        # transformers 5 renamed the method; older releases only have the first name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
 
     def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
         return self.preprocess(["an example caption"] * (batch - 1) + ["a longer example caption with more words"])
