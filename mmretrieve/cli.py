@@ -188,25 +188,37 @@ def _print_gain(result) -> None:
 
 
 @cli.command(name="eval")
-@click.option("--model", "model_ref", required=True, help="A model bundle or registered model name.")
+@click.option("--model", "model_ref", required=True, help="A model bundle, registered model name or ONNX export folder.")
 @click.option("--data", required=True, help="Captioned images: JSONL, CSV, COCO captions JSON or a folder.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
+@click.option("--runtime", default="auto", show_default=True,
+              help="torch, onnx, or auto (onnx for an export folder, else torch).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--json", "as_json", is_flag=True, help='Print {"t2i": {...}, "i2t": {...}} (percentages).')
-def evaluate(model_ref, data, batch_size, workers, device, as_json):
+def evaluate(model_ref, data, batch_size, workers, runtime, device, as_json):
     """Recall@1/5/10 and median rank, text->image and image->text (CLIP_benchmark protocol)."""
-    import torch
-
-    from .bundle import load_bundle
     from .data import load_captions
-    from .evaluate import evaluate_model
+    from .runtime import choose_runtime
 
     captions = load_captions(data)
-    model = load_bundle(model_ref)
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
-    metrics = evaluate_model(model, captions.items, batch_size=batch_size, device=device, workers=workers)
+    runtime = choose_runtime(model_ref, runtime)
+    if runtime == "torch":
+        import torch
+
+        from .bundle import load_bundle
+        from .evaluate import evaluate_model
+
+        model = load_bundle(model_ref)
+        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if device == "auto" else device))
+        metrics = evaluate_model(model, captions.items, batch_size=batch_size, device=device, workers=workers)
+    else:  # any other runtime goes through its embedder (onnx never imports torch)
+        from .evaluate import evaluate_embedder
+        from .runtime import load_embedder
+
+        embedder = load_embedder(model_ref, runtime, None if device == "auto" else device)
+        metrics = evaluate_embedder(embedder, captions.items, batch_size=batch_size, workers=workers)
     if as_json:
         echo_json(metrics)
         return
@@ -215,6 +227,44 @@ def evaluate(model_ref, data, batch_size, workers, device, as_json):
     for direction in ("t2i", "i2t"):
         m = metrics[direction]
         click.echo(f"{direction:>4} {m['R@1']:>6.1f} {m['R@5']:>6.1f} {m['R@10']:>6.1f} {m['median_rank']:>12g}")
+
+
+@cli.command()
+@click.option("--model", "model_ref", required=True, help="The model bundle (or registered model name) to export.")
+@click.option("--out", required=True, type=click.Path(), help="Export folder to write (an earlier export there is replaced).")
+@click.option("--fp16", is_flag=True, help="fp16 weights and arithmetic (for GPUs); needs --eval-data or --force.")
+@click.option("--int8", is_flag=True, help="Dynamic int8 MatMul weights (for CPUs); needs --eval-data or --force.")
+@click.option("--eval-data", type=click.Path(exists=True),
+              help="Captioned images to report Recall@K on; a reduced precision may lose at most 1 point of R@5.")
+@click.option("--force", is_flag=True, help="Write a reduced-precision export without the recall check, or despite it.")
+@click.option("--opset", type=int, help="ONNX opset, 17-20 (default 18).")
+@click.option("--json", "as_json", is_flag=True, help="Print the export manifest as JSON.")
+def export(model_ref, out, fp16, int8, eval_data, force, opset, as_json):
+    """Export a model's text and image towers to ONNX for the onnx runtime (`--runtime onnx`).
+
+    Each graph includes the projection head and normalisation. fp32 must match PyTorch
+    (cosine >= 0.9999 per embedding on test texts and images) or nothing is written.
+    """
+    from .export.exporter import export_model
+
+    if fp16 and int8:
+        raise click.UsageError("give at most one of --fp16 and --int8")
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    manifest = export_model(model_ref, out, precision=precision, eval_data=eval_data, force=force, opset=opset,
+                            progress=not as_json)
+    if as_json:
+        echo_json(manifest)
+        return
+    click.echo(f"{out}: {precision} ONNX export of {manifest['source']['path']} "
+               f"(fingerprint {manifest['fingerprint'][:12]}, {manifest['embed_dim']}-d, opset {manifest['opset']}, "
+               f"{manifest['seconds']:.0f}s)")
+    for tower, report in manifest["parity"].items():
+        line = f"{tower:>5}: fp32 vs PyTorch min cosine {report['min_cosine']:.6f}"
+        if "agreement" in manifest:
+            line += f"; {precision} vs PyTorch min cosine {manifest['agreement'][tower]['min_cosine']:.4f}"
+        click.echo(line)
+    for variant, metrics in manifest.get("recall", {}).get("results", {}).items():
+        click.echo(f"{variant:>5}: R@5 t2i {metrics['t2i']['R@5']:.2f}, i2t {metrics['i2t']['R@5']:.2f}")
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -246,7 +296,8 @@ def _parse_size(text: str | None) -> int | None:
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (default: cores - 1).")
 @click.option("--commit-every", type=click.IntRange(1), default=5000, show_default=True,
               help="Publish the index every N embedded images (a killed run keeps them either way).")
-@click.option("--runtime", default="auto", show_default=True, help="Inference runtime (see `mmretrieve plugins`).")
+@click.option("--runtime", default="auto", show_default=True,
+              help="torch, onnx (see `mmretrieve plugins`), or auto: onnx for an export folder, else torch.")
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (needed to switch models).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -305,7 +356,8 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 @click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: index/images).")
 @click.option("--texts", "search_texts", is_flag=True, help="Search the caption index (default dir index/texts).")
 @click.option("--model", "model_ref", help="Model to embed queries with (must be the index's).")
-@click.option("--runtime", default="auto", show_default=True)
+@click.option("--runtime", default="auto", show_default=True,
+              help="torch, onnx, or auto: onnx for an export folder (--model), else torch.")
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of results (per query if several).")
 @click.option("-p", "--paths", "paths_only", is_flag=True, help="Print only paths, one per line (for piping).")

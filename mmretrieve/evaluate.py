@@ -1,11 +1,14 @@
-"""Evaluating a retrieval model on a captioned set (CLIP_benchmark protocol)."""
+"""Evaluating a retrieval model on a captioned set (CLIP_benchmark protocol).
+
+A PyTorch model (``evaluate_model``) or any runtime's embedder (``evaluate_embedder``); the
+embedder path never imports torch, so the onnx runtime evaluates without it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-import torch
 
 from .data import CaptionedImage
 from .metrics import retrieval_metrics
@@ -16,14 +19,16 @@ def caption_owners(items: list[CaptionedImage]) -> np.ndarray:
     return np.repeat(np.arange(len(items)), [len(item.captions) for item in items])
 
 
-@torch.inference_mode()
 def project(head: torch.nn.Module, features: torch.Tensor, device: torch.device, chunk: int = 4096) -> np.ndarray:
     """Head + normalisation over precomputed tower features."""
+    import torch
+
     head.eval()
     rows = []
-    for start in range(0, len(features), chunk):
-        out = head(features[start:start + chunk].to(device))
-        rows.append(torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy())
+    with torch.inference_mode():
+        for start in range(0, len(features), chunk):
+            out = head(features[start:start + chunk].to(device))
+            rows.append(torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy())
     return np.concatenate(rows)
 
 
@@ -32,6 +37,8 @@ def embed_captioned_set(model, items: list[CaptionedImage], batch_size: int, dev
                         text_features: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Shared-space embeddings of every image and every caption; precomputed tower features
     (of frozen towers) skip the towers."""
+    import torch
+
     from .train.pipeline import all_captions, tower_features
 
     def through(modality, encoder, inputs, cached):
@@ -52,4 +59,41 @@ def evaluate_model(model, items: list[CaptionedImage], batch_size: int = 64, dev
     device = device or auto_device()
     model.to(device)
     images, texts = embed_captioned_set(model, items, batch_size, device, workers, progress, **cached)
+    return retrieval_metrics(texts, images, caption_owners(items))
+
+
+def embed_with_embedder(embedder, items: list[CaptionedImage], batch_size: int = 64, workers: int = 0,
+                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Every image and every caption (flat, in file order) through a runtime's embedder."""
+    from .errors import InputError
+    from .index.decode import _init_worker, decode_one, ordered_map
+    from .progress import progress_bar
+
+    paths = [str(item.image) for item in items]
+    captions = [caption for item in items for caption in item.captions]
+    decoded = ordered_map(decode_one, paths, workers, initializer=_init_worker,
+                          initargs=(embedder.image_preprocessor,), read_ahead=max(2 * batch_size, 16))
+    images, texts, batch = [], [], []
+    with progress_bar(total=len(paths) + len(captions), unit="item", desc="eval", disable=not progress) as bar:
+        for image in decoded:
+            if image.error:
+                raise InputError(f"{image.path}: {image.error}")
+            batch.append(image.pixels)
+            if len(batch) == batch_size:
+                images.append(embedder.embed_pixels(np.stack(batch)))
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            images.append(embedder.embed_pixels(np.stack(batch)))
+            bar.update(len(batch))
+        for start in range(0, len(captions), batch_size):
+            texts.append(embedder.embed_texts(captions[start:start + batch_size]))
+            bar.update(len(texts[-1]))
+    return np.concatenate(images), np.concatenate(texts)
+
+
+def evaluate_embedder(embedder, items: list[CaptionedImage], batch_size: int = 64, workers: int = 0,
+                      progress: bool = True) -> dict[str, dict[str, float]]:
+    """The same metrics as ``evaluate_model``, through any runtime (torch, onnx, ...)."""
+    images, texts = embed_with_embedder(embedder, items, batch_size, workers, progress)
     return retrieval_metrics(texts, images, caption_owners(items))

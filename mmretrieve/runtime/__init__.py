@@ -7,6 +7,9 @@ returns an embedder with this shape:
     image_preprocessor, text_preprocessor  torch-free preprocessing (mmretrieve.preprocess)
     embed_pixels(array) -> (n, d)         preprocessed images to normalised float32 rows
     embed_texts(list[str]) -> (n, d)      texts to normalised float32 rows
+
+``model_ref`` is a model bundle (or registered model name) or an ONNX export folder
+(`mmretrieve export`); runtime "auto" picks onnx for an export when onnxruntime imports, else torch.
 """
 
 from __future__ import annotations
@@ -14,9 +17,30 @@ from __future__ import annotations
 from typing import Any
 
 
+def choose_runtime(model_ref: str, runtime: str = "auto") -> str:
+    from ..export.manifest import is_export
+
+    if runtime != "auto":
+        if runtime == "torch" and is_export(model_ref):
+            from ..export.errors import ExportError
+
+            raise ExportError(f"{model_ref} is an ONNX export, which the torch runtime cannot load; use "
+                              f"--runtime onnx (or auto), or give the bundle it was exported from")
+        return runtime
+    if is_export(model_ref):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            from ..errors import InputError
+
+            raise InputError(f"{model_ref} is an ONNX export and onnxruntime is not installed; install it with "
+                             f"`pip install mmretrieve[cpu]`, or give the bundle it was exported from") from None
+        return "onnx"
+    return "torch"
+
+
 def load_embedder(model_ref: str, runtime: str = "auto", device: str | None = None) -> Any:
     from ..plugins import get_host
 
     registry = get_host().registry("runtime")
-    name = "torch" if runtime == "auto" else runtime
-    return registry.get(name).build(model_ref=model_ref, device=device)
+    return registry.get(choose_runtime(str(model_ref), runtime)).build(model_ref=model_ref, device=device)
