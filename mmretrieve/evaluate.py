@@ -6,12 +6,15 @@ embedder path never imports torch, so the onnx runtime evaluates without it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .data import CaptionedImage
 from .metrics import retrieval_metrics
+
+if TYPE_CHECKING:  # torch is imported inside the functions that need it
+    import torch
 
 
 def caption_owners(items: list[CaptionedImage]) -> np.ndarray:

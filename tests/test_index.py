@@ -7,7 +7,6 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -35,7 +37,7 @@ def embed_batched(items: Sequence[Any], preprocess: Callable, forward: Callable,
     return np.concatenate(rows).astype(np.float32, copy=False)
 
 
-class Encoder:
+class Encoder(abc.ABC):
     """A tower: its torch module, its own preprocessing, and what rebuilding and export need.
 
     ``module(**inputs)`` maps the preprocessor's arrays (as tensors) to ``(batch, dim)``
@@ -73,20 +75,21 @@ class Encoder:
     # Module-name suffixes LoRA adapts by default (attention projections).
     lora_targets: ClassVar[tuple[str, ...]] = ()
 
+    @abc.abstractmethod
     def layer_groups(self) -> list[list[str]]:
         """Parameter names grouped by depth, input side first: what "train the top N" counts."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def enable_grad_checkpointing(self) -> None:
-        raise NotImplementedError
+        """Recompute activations in the backward pass instead of storing them."""
 
+    @abc.abstractmethod
     def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
         """Inputs of the right names, shapes and dtypes, for export and smoke tests."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save_architecture(self, folder: Path) -> dict[str, Any]:
         """Write config, tokenizer and preprocessing files (no weights); return rebuild options."""
-        raise NotImplementedError
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
