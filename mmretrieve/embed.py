@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_bytes_atomic, write_text_atomic
+from .atomic import write_npy_atomic, write_text_atomic
 from .errors import InputError
 from .images import is_image_path, list_images, load_image
 
@@ -87,8 +87,6 @@ def _write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
 def run_embed(inputs: dict[str, list], out: Path, rows_format: str, encoder_name: str | None, model_ref: str | None,
               batch_size: int, normalize: bool, device: str | None, config_file: str | None,
               overrides: tuple[str, ...]) -> dict[str, Any]:
-    import numpy as np
-
     from .config import apply_overrides, read_config_file
 
     if encoder_name:
@@ -125,9 +123,7 @@ def run_embed(inputs: dict[str, list], out: Path, rows_format: str, encoder_name
     outputs = []
     for modality, matrix, items in results:
         npy_path, rows_path = _output_paths(out, modality, rows_format, multi)
-        buffer = io.BytesIO()
-        np.save(buffer, matrix)
-        write_bytes_atomic(npy_path, buffer.getvalue())
+        write_npy_atomic(npy_path, matrix)
         rows = [{"row": i, "modality": modality, "input": str(item)} for i, item in enumerate(items)]
         _write_rows(rows_path, rows, rows_format)
         outputs.append({"modality": modality, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),

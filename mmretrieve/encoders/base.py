@@ -21,12 +21,12 @@ def auto_device() -> torch.device:
 @torch.inference_mode()
 def embed_batched(items: Sequence[Any], preprocess: Callable, forward: Callable, module: nn.Module, dim: int,
                   unit: str, batch_size: int = 32, device: str | torch.device | None = None,
-                  progress: bool = False) -> np.ndarray:
+                  progress: bool = False, desc: str = "embed") -> np.ndarray:
     """Preprocess and run ``items`` batch by batch on ``device``; float32 rows out."""
     device = torch.device(device) if device is not None else auto_device()
     module.to(device).eval()
     rows = []
-    with progress_bar(total=len(items), unit=unit, disable=not progress, desc="embed") as bar:
+    with progress_bar(total=len(items), unit=unit, disable=not progress, desc=desc) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             inputs = {k: torch.from_numpy(v).to(device) for k, v in preprocess(chunk).items()}

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_bytes_atomic
+from ..atomic import write_npy_atomic
 from ..errors import ConfigError
 from .base import VectorIndex
 from .faiss_lib import faiss, read_index_file, write_index_file
 from .idmap import SortedIds
-from .npy import npy_bytes, read_npy
+from .npy import read_npy
 
 FAISS_FILE = "hnsw.faiss"
 ROW_IDS_FILE = "row_ids.npy"
@@ -120,7 +120,7 @@ class HNSWIndex(VectorIndex):
 
     def _save_files(self, folder: Path) -> None:
         write_index_file(self._index, folder / FAISS_FILE)
-        write_bytes_atomic(folder / ROW_IDS_FILE, npy_bytes(self._row_ids))
+        write_npy_atomic(folder / ROW_IDS_FILE, self._row_ids)
 
     def _load_files(self, folder: Path, mmap: bool) -> None:
         module = faiss()

@@ -1,17 +1,10 @@
-"""Small numpy arrays to and from ``.npy`` bytes, so they can be written atomically."""
+"""Reading the small id arrays index folders keep as ``.npy`` files (written with atomic.write_npy_atomic)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def read_npy(path: Path, dtype: type) -> np.ndarray:

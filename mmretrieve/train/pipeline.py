@@ -8,7 +8,6 @@ Each batch holds distinct images, so no caption of the same photo appears as a f
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from pathlib import Path
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..atomic import write_bytes_atomic
+from ..atomic import write_npy_atomic
 from ..data import CaptionedImage
-from ..encoders.base import Encoder
+from ..encoders.base import Encoder, embed_batched
 from ..errors import InputError
 from ..images import load_image
 
@@ -150,21 +149,18 @@ def tower_features(encoder: Encoder, inputs: list, batch_size: int, device: torc
     from ..progress import progress_bar
 
     forward = forward or encoder.forward
-    encoder.module.to(device).eval()
+    desc = f"{encoder.modality} features"
     if encoder.modality == "text":
-        batches = (encoder.preprocess(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size))
-    else:
-        loader = DataLoader(_PreprocessedImages(inputs, encoder.preprocessor), batch_size=batch_size,
-                            num_workers=workers, persistent_workers=False)
-        batches = ({"pixel_values": pixels} for pixels in loader)
+        return embed_batched(inputs, encoder.preprocess, forward, encoder.module, encoder.dim, "text", batch_size,
+                             device, progress, desc=desc)
+    encoder.module.to(device).eval()
+    loader = DataLoader(_PreprocessedImages(inputs, encoder.preprocessor), batch_size=batch_size,
+                        num_workers=workers, persistent_workers=False)
     rows = []
-    with progress_bar(total=len(inputs), unit=encoder.modality, desc=f"{encoder.modality} features",
-                      disable=not progress) as bar:
-        for batch in batches:
-            tensors = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
-            out = forward(tensors).float().cpu().numpy()
-            rows.append(out)
-            bar.update(len(out))
+    with progress_bar(total=len(inputs), unit="image", desc=desc, disable=not progress) as bar:
+        for pixels in loader:
+            rows.append(forward({"pixel_values": pixels.to(device)}).float().cpu().numpy())
+            bar.update(len(pixels))
     return np.concatenate(rows) if rows else np.zeros((0, encoder.dim), dtype=np.float32)
 
 
@@ -181,7 +177,5 @@ def cached_tower_features(encoder: Encoder, inputs: list, cache_dir: Path | None
             return torch.from_numpy(features)
     features = tower_features(encoder, inputs, batch_size, device, workers)
     if path is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, features)
-        write_bytes_atomic(path, buffer.getvalue())
+        write_npy_atomic(path, features)
     return torch.from_numpy(features)
