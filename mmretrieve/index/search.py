@@ -100,7 +100,7 @@ class IndexReader:
         return results
 
     def search_text(self, texts: Sequence[str], k: int = 10, min_score: float | None = None) -> list[list[Hit]]:
-        texts = [t for t in texts]
+        texts = list(texts)
         if not texts or any(not t.strip() for t in texts):
             raise InputError("a text query must not be empty")
         return self.search_vectors(self.embedder.embed_texts(texts), k, min_score)
