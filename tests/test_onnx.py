@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,8 +264,12 @@ def test_eval_with_the_onnx_runtime_matches_torch(bundle, exported, colours):
     result = run_cli("eval", "--model", exported, "--data", colours, "--workers", 0, "--json")
     assert result.exit_code == 0, result.output
     by_onnx = json.loads(result.stdout)
+    # Embeddings agree to ~1e-7, but the tiny random model has near-tied scores, so at most one
+    # query per direction may land on the other side of the top-5 cut.
+    records = [json.loads(line) for line in Path(colours).read_text().splitlines() if line.strip()]
+    queries = {"t2i": sum(len(r["captions"]) for r in records), "i2t": len(records)}
     for direction in ("t2i", "i2t"):
-        assert by_onnx[direction]["R@5"] == pytest.approx(by_torch[direction]["R@5"], abs=1.0)
+        assert by_onnx[direction]["R@5"] == pytest.approx(by_torch[direction]["R@5"], abs=100 / queries[direction] + 0.01)
 
 
 @pytest.mark.parametrize("args, message", [
