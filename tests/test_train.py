@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from mmretrieve.bundle import load_bundle
 from mmretrieve.config import ModelConfig, TowerConfig, TowerTraining, TrainConfig
-from mmretrieve.errors import ConfigError, InputError
+from mmretrieve.errors import BundleError, ConfigError, InputError
 from mmretrieve.train import checkpoint as ckpt
 from mmretrieve.train.loop import Trainer, run_training
 from tiny_models import TINY_TIMM, make_colour_dataset
@@ -85,6 +86,29 @@ def test_frozen_towers_train_heads_on_cached_features(make_config, tmp_path):
     assert not tower_parameters & set(state), "frozen tower weights are rebuilt, not checkpointed"
     assert {"text_head.weight", "image_head.weight", "logit_scale"} <= set(state)
     assert result.best is not None
+
+
+def test_reference_bundle_holds_only_the_trained_parameters(make_config, tmp_path):
+    import timm
+    from safetensors import safe_open
+
+    weights = tmp_path / "tiny-timm.pth"  # fixed image-tower weights, as a wheel would ship them
+    torch.save(timm.create_model(TINY_TIMM, num_classes=0).state_dict(), weights)
+    config = make_config(epochs=2, bundle_towers="reference")
+    config.model.image = TowerConfig(f"timm:{TINY_TIMM}", {"weights": str(weights), "image_size": 48})
+    result = run_training(config)
+
+    with safe_open(str(Path(result.best_bundle) / "weights.safetensors"), "pt") as stored:
+        assert set(stored.keys()) == {"text_head.weight", "image_head.weight", "logit_scale"}
+    loaded = load_bundle(result.best_bundle)
+    trained = model_state(tmp_path / "run")
+    assert torch.equal(loaded.image_head.weight, trained["image_head.weight"])
+    assert loaded.bundle.model["towers"]["image"]["reference"]["changed_tensors"] == 0
+
+
+def test_reference_bundle_refuses_randomly_initialised_towers(make_config):
+    with pytest.raises(BundleError, match="new random weights each time"):
+        Trainer(make_config(bundle_towers="reference"))
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(make_config, tmp_path, monkeypatch):

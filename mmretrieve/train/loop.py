@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomic
-from ..bundle import load_bundle, save_bundle
+from ..bundle import check_reproducible, load_bundle, save_bundle
 from ..config import TrainConfig, to_dict
 from ..data import CaptionSet, load_captions, split_by_image
 from ..errors import ConfigError, InputError
@@ -167,6 +167,9 @@ class Trainer:
         if not config.data:
             raise ConfigError("no training data: give --data FILE (JSONL, CSV, COCO JSON or a folder)")
         self.config = config
+        if config.bundle_towers not in ("embed", "reference"):
+            raise ConfigError(f"bundle_towers must be embed or reference, not {config.bundle_towers!r}")
+        self.reference_towers = ("text", "image") if config.bundle_towers == "reference" else ()
         self.output = Path(config.output)
         self.dist = init_distributed("cuda" if config.device.startswith("cuda") or
                                      (config.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -177,6 +180,8 @@ class Trainer:
         self._seed(config.seed)
         self.train_set, self.val_items = self._load_data()
         self.model = self._build_model()
+        for name in self.reference_towers:
+            check_reproducible(getattr(self.model.config, name))
         self.frozen = {name: parse_mode(getattr(config, name).mode)[0] == "frozen" for name in ("text", "image")}
         for name in ("text", "image"):
             encoder = getattr(self.model, f"{name}_encoder")
@@ -366,7 +371,7 @@ class Trainer:
             best = self.state["best"]
             if best is None or score > mean_recall(best):
                 self.state.update(best=metrics, best_step=self.state["step"], bad_evals=0)
-                save_bundle(bundle_view(self.model), self.output / "best",
+                save_bundle(bundle_view(self.model), self.output / "best", reference_towers=self.reference_towers,
                             metadata={"step": self.state["step"], "val": metrics, "train_config": to_dict(self.config)})
             else:
                 self.state["bad_evals"] += 1

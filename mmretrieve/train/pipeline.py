@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..atomic import write_npy_atomic
+from ..bundle import hash_module
 from ..data import CaptionedImage
 from ..encoders.base import Encoder, embed_batched
 from ..errors import InputError
@@ -121,9 +122,7 @@ def all_captions(items: list[CaptionedImage]) -> list[str]:
 
 def tower_fingerprint(encoder: Encoder) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    hash_module(digest, encoder.module)
     digest.update(json.dumps(getattr(encoder.preprocessor, "config", None).__dict__, sort_keys=True,
                              default=str).encode())
     return digest.hexdigest()[:16]
