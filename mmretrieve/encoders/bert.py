@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,24 @@ def _fast_tokenizer(model_name: str):
         return Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading prints a progress bar and a report listing the pooler weights we leave out on
+    purpose (add_pooling_layer=False); neither helps a user, so both are off while loading."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class BertEncoder(Encoder):
     family = "bert"
     modality = "text"
@@ -64,8 +83,9 @@ class BertEncoder(Encoder):
             raise InputError(f"bert pooling must be one of {POOLINGS}, not {pooling!r}")
         try:
             config = AutoConfig.from_pretrained(model_name)
-            model = AutoModel.from_pretrained(model_name, add_pooling_layer=False) if pretrained \
-                else AutoModel.from_config(config, add_pooling_layer=False)
+            with _quiet_transformers():
+                model = AutoModel.from_pretrained(model_name, add_pooling_layer=False) if pretrained \
+                    else AutoModel.from_config(config, add_pooling_layer=False)
             tokenizer = _fast_tokenizer(model_name)
         except OSError as exc:
             raise InputError(f"cannot load BERT checkpoint {model_name!r}: {str(exc).splitlines()[0]}") from None
