@@ -129,8 +129,12 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
     click.echo(f"fingerprint:  {manifest['fingerprint']}")
     click.echo(f"embed dim:    {config['embed_dim']}  head: {config['head']}")
     for name, tower in bundle.model["towers"].items():
-        click.echo(f"{name + ' tower:':<13} {tower['registered_as']} ({tower['family']}, {tower['dim']}-d)")
-    click.echo(f"parameters:   {manifest['parameters']:,}")
+        reference = tower.get("reference")
+        stored = (f", by reference ({reference['changed_tensors']} tensors changed by training)" if reference else "")
+        click.echo(f"{name + ' tower:':<13} {tower['registered_as']} ({tower['family']}, {tower['dim']}-d){stored}")
+    stored = manifest.get("stored_parameters", manifest["parameters"])
+    click.echo(f"parameters:   {manifest['parameters']:,}" +
+               (f" ({stored:,} stored in the bundle)" if stored != manifest["parameters"] else ""))
     if verify:
         click.echo(f"verified:     {len(manifest['files'])} files match their hashes")
 
@@ -188,7 +192,8 @@ def _print_gain(result) -> None:
 
 
 @cli.command(name="eval")
-@click.option("--model", "model_ref", required=True, help="A model bundle, registered model name or ONNX export folder.")
+@click.option("--model", "model_ref", default="default", show_default=True,
+              help="A model bundle, registered model name or ONNX export folder.")
 @click.option("--data", required=True, help="Captioned images: JSONL, CSV, COCO captions JSON or a folder.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
@@ -230,7 +235,8 @@ def evaluate(model_ref, data, batch_size, workers, runtime, device, as_json):
 
 
 @cli.command()
-@click.option("--model", "model_ref", required=True, help="The model bundle (or registered model name) to export.")
+@click.option("--model", "model_ref", default="default", show_default=True,
+              help="The model bundle (or registered model name) to export.")
 @click.option("--out", required=True, type=click.Path(), help="Export folder to write (an earlier export there is replaced).")
 @click.option("--fp16", is_flag=True, help="fp16 weights and arithmetic (for GPUs); needs --eval-data or --force.")
 @click.option("--int8", is_flag=True, help="Dynamic int8 MatMul weights (for CPUs); needs --eval-data or --force.")
@@ -279,9 +285,20 @@ def _parse_size(text: str | None) -> int | None:
         raise click.BadParameter(f"{text!r} is not a size like 4GB or 512MB") from None
 
 
+def default_model_name(folder: Path) -> str:
+    """`default` when a plugin registers it (mmretrieve-offline-towers does), else ask for --model."""
+    from .plugins import get_host
+
+    if "default" in get_host().registry("model"):
+        return "default"
+    raise click.UsageError(f"{folder} does not exist yet and no plugin provides a `default` model: give --model MODEL "
+                           f"(or pip install mmretrieve-offline-towers)")
+
+
 @cli.command()
 @click.argument("path", required=False, type=click.Path())
-@click.option("--model", "model_ref", help="Bundle or registered model (default: the index's own model).")
+@click.option("--model", "model_ref",
+              help="Bundle, export folder or registered model (default: the index's own model; for a new index, `default`).")
 @click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: index/images, or index/texts with --texts).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (path relative to PATH, or name); repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching; repeatable.")
@@ -316,11 +333,12 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
         raise click.UsageError("give a PATH of images to index, or --texts FILE to index captions")
     folder = Path(index_dir) if index_dir else default_index_dir("text" if texts_file else "image")
     if not model_ref:
-        if not (folder / MANIFEST).is_file():
-            raise click.UsageError(f"{folder} does not exist yet: give --model MODEL to create it")
-        from .index.search import _model_location
+        if (folder / MANIFEST).is_file():
+            from .index.search import _model_location
 
-        model_ref = _model_location(read_manifest(folder)["model"])
+            model_ref = _model_location(read_manifest(folder)["model"])
+        else:
+            model_ref = default_model_name(folder)
     embedder = load_embedder(model_ref, runtime, device)
     if texts_file:
         from .index.builder import index_texts

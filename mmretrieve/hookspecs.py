@@ -56,7 +56,7 @@ def register_runtimes(register):
 def register_models(register):
     """Declare named, ready-made model bundles (for example ``default``).
 
-    Call ``register(ModelSpec(name=..., locate="module:function"))``; ``locate`` returns the
+    Call ``register(ModelSpec(name=..., factory="module:function"))``; the factory returns the
     bundle folder and is called only when the model is used.
     """
 

@@ -224,9 +224,10 @@ def test_search_command_output_formats(cli_index, messy_image_folder):
 
 def test_index_command_mistakes(tmp_path, monkeypatch, bundle):
     monkeypatch.setenv("MMRETRIEVE_INDEX_ROOT", str(tmp_path / "indexes"))
+    monkeypatch.setenv("MMRETRIEVE_BLOCK_PLUGINS", "offline-towers")  # the plugin that registers `default`
     runner = CliRunner()
     result = runner.invoke(cli, ["index", str(tmp_path)])
-    assert result.exit_code != 0 and "give --model MODEL to create it" in result.output
+    assert result.exit_code != 0 and "no plugin provides a `default` model: give --model MODEL" in result.output
     result = runner.invoke(cli, ["search", "x"])
     assert result.exit_code != 0 and "holds no index" in result.output
     result = runner.invoke(cli, ["search"])
