@@ -17,6 +17,7 @@ from mmretrieve.errors import InputError
 from mmretrieve.index.builder import index_images, index_texts, remove_files
 from mmretrieve.index.lock import WriterLock
 from mmretrieve.index.search import IndexReader
+from mmretrieve.plugins import reset_host
 from mmretrieve.runtime.torch_runtime import TorchEmbedder
 
 pytestmark = pytest.mark.slow
@@ -225,6 +226,7 @@ def test_search_command_output_formats(cli_index, messy_image_folder):
 def test_index_command_mistakes(tmp_path, monkeypatch, bundle):
     monkeypatch.setenv("MMRETRIEVE_INDEX_ROOT", str(tmp_path / "indexes"))
     monkeypatch.setenv("MMRETRIEVE_BLOCK_PLUGINS", "offline-towers")  # the plugin that registers `default`
+    reset_host()  # the bundle fixture loaded plugins before the block was set
     runner = CliRunner()
     result = runner.invoke(cli, ["index", str(tmp_path)])
     assert result.exit_code != 0 and "no plugin provides a `default` model: give --model MODEL" in result.output
