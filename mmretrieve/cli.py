@@ -412,6 +412,64 @@ def search(queries, images, k, min_score, index_dir, search_texts, model_ref, ru
             click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {shown}")
 
 
+@cli.command()
+@click.option("--index-dir", type=click.Path(file_okay=False), envvar="MMRETRIEVE_INDEX_DIR", show_envvar=True,
+              help="Image index to search (default: index/images).")
+@click.option("--text-index-dir", type=click.Path(file_okay=False), envvar="MMRETRIEVE_TEXT_INDEX_DIR",
+              show_envvar=True, help="Caption index for image->text search (default: index/texts if it exists "
+                                     "and --index-dir is not given).")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="MMRETRIEVE_HOST", show_envvar=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, envvar="MMRETRIEVE_PORT",
+              show_envvar=True)
+@click.option("--model", "model_ref", envvar="MMRETRIEVE_MODEL", show_envvar=True,
+              help="Model to embed queries with (default: the index's own; an ONNX export keeps torch out).")
+@click.option("--runtime", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
+              envvar="MMRETRIEVE_RUNTIME", show_envvar=True, help="auto: onnx for an export folder, else torch.")
+@click.option("--device", envvar="MMRETRIEVE_DEVICE", show_envvar=True, help="cpu, cuda, cuda:N (default: cuda when present).")
+@click.option("--api-key", envvar="MMRETRIEVE_API_KEY", show_envvar=True,
+              help="Require this key (X-API-Key header or Bearer token) for /api, /file and /thumb.")
+@click.option("--root", "roots", multiple=True, type=click.Path(file_okay=False), envvar="MMRETRIEVE_ROOTS",
+              show_envvar=True, help="Only serve files under this folder (repeatable; default: the folder all "
+                                     "indexed images share).")
+@click.option("--thumb-cache", type=click.Path(file_okay=False), envvar="MMRETRIEVE_THUMB_CACHE", show_envvar=True,
+              help="Folder for generated thumbnails (default: ~/.cache/mmretrieve/thumbs).")
+@click.option("--max-upload-mb", type=click.FloatRange(0.01), default=20, show_default=True,
+              envvar="MMRETRIEVE_MAX_UPLOAD_MB", show_envvar=True, help="Larger query uploads get 413.")
+@click.option("--max-pixels", type=click.IntRange(1), envvar="MMRETRIEVE_MAX_PIXELS", show_envvar=True,
+              help="Query images with more pixels get 413 (default 40,000,000).")
+@click.option("--root-path", default="", envvar="MMRETRIEVE_ROOT_PATH", show_envvar=True,
+              help="URL prefix when a reverse proxy serves this under a sub-path, e.g. /search.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve(index_dir, text_index_dir, host, port, model_ref, runtime, device, api_key, roots, thumb_cache,
+          max_upload_mb, max_pixels, root_path, log_level):
+    """Serve search over HTTP: a web page at /, a JSON API under /api, /health and /metrics.
+
+    The model and indexes load once; a generation published by `mmretrieve index` is
+    picked up without a restart. See docs/serving.md.
+    """
+    from .api import default_index_dir
+    from .index.store import MANIFEST
+    from .serve.config import ServeConfig, default_thumb_cache
+
+    try:
+        from .serve.server import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"serving needs fastapi and uvicorn ({exc}); install them with "
+                                   f"`pip install fastapi uvicorn python-multipart`") from None
+    if index_dir is None and text_index_dir is None and (default_index_dir("text") / MANIFEST).is_file():
+        text_index_dir = default_index_dir("text")
+    config = ServeConfig(index_dir=Path(index_dir) if index_dir else default_index_dir("image"),
+                         text_index_dir=Path(text_index_dir) if text_index_dir else None, model=model_ref,
+                         runtime=runtime, device=device, api_key=api_key or None,
+                         roots=tuple(Path(r) for r in roots), max_upload_bytes=int(max_upload_mb * (1 << 20)),
+                         thumb_cache=Path(thumb_cache) if thumb_cache else default_thumb_cache())
+    if max_pixels:
+        config.max_pixels = max_pixels
+    run_server(config, host=host, port=port, root_path=root_path.rstrip("/"), log_level=log_level)
+
+
 def _add_plugin_commands() -> None:
     from .plugins import get_host
 

@@ -1,0 +1,281 @@
+"""The search engine behind the service: one worker thread owns the model and the indexes.
+
+Why one thread: the IndexReader's SQLite connection may only be used by the thread that
+opened it, and embedders (torch modules, onnxruntime sessions) gain nothing from being called
+concurrently on a CPU, where each call already uses every core. Requests queue up here while
+the event loop goes on serving; whatever has queued while a batch ran is embedded and
+searched together as the next batch (dynamic batching), which is where throughput comes from.
+The same thread checks every ``reload_interval`` seconds whether `mmretrieve index` has
+published a new generation (or, after `--rebuild`, a new database) and loads it between
+batches, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import MMRetrieveError
+from .config import ServeConfig
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+IMAGES, TEXTS = "images", "texts"
+
+
+class EngineUnavailable(MMRetrieveError):
+    """The engine cannot answer (a reload failed, or it is shutting down); the service says 503."""
+
+
+@dataclass
+class _Query:
+    kind: str  # "text" or "pixels"
+    payload: Any  # the text, or a preprocessed (3, H, W) float32 array
+    target: str  # IMAGES or TEXTS
+    k: int
+    min_score: float | None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class _Call:
+    fn: Callable[[dict], Any]  # called with the readers, on the worker thread
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+_STOP = object()
+
+
+class SearchEngine:
+    def __init__(self, config: ServeConfig, metrics: ServiceMetrics):
+        self.config = config
+        self.metrics = metrics
+        self.readers: dict[str, Any] = {}
+        self.embedder = None
+        self.status: dict[str, dict[str, Any]] = {}  # per index: generation, items; replaced whole
+        self.problem: str | None = None  # why searches are refused, after a failed reload
+        self.on_reopen: Callable[[str], None] | None = None  # told when an index's database was replaced
+        self._identity: dict[str, tuple[int, int] | None] = {}  # (device, inode) of each items.sqlite
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._last_check = 0.0
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="mmretrieve-search", daemon=True)
+        self._thread.start()
+        ready.result()  # raises what opening the model or the indexes raised
+
+    # -- asking (from the event loop) --------------------------------------------------------
+    async def search_text(self, text: str, target: str, k: int, min_score: float | None = None) -> list:
+        return await self._ask(_Query("text", text, target, k, min_score))
+
+    async def search_pixels(self, pixels: np.ndarray, target: str, k: int, min_score: float | None = None) -> list:
+        return await self._ask(_Query("pixels", pixels, target, k, min_score))
+
+    async def call(self, fn: Callable[[dict], Any]) -> Any:
+        """Run ``fn(readers)`` on the worker thread (the readers' SQLite connections live there)."""
+        return await self._ask(_Call(fn))
+
+    async def _ask(self, job) -> Any:
+        if not self._thread.is_alive():
+            raise EngineUnavailable("the search engine has stopped")
+        self._queue.put(job)
+        return await asyncio.wrap_future(job.future)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def image_preprocessor(self):
+        return self.embedder.image_preprocessor
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _run(self, ready: concurrent.futures.Future) -> None:
+        try:
+            self._open()
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            while True:
+                try:
+                    first = self._queue.get(timeout=self.config.reload_interval or None)
+                except queue.Empty:
+                    self._maybe_reload()
+                    continue
+                if first is _STOP:
+                    break
+                batch = [first]
+                while len(batch) < self.config.max_batch:  # whatever queued while the last batch ran
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is _STOP:
+                        self._queue.put(_STOP)
+                        break
+                    batch.append(job)
+                self._maybe_reload()
+                self._serve(batch)
+        finally:
+            self._fail_pending(EngineUnavailable("the search engine is shutting down"))
+            for reader in self.readers.values():
+                reader.close()
+
+    def _open(self) -> None:
+        from ..index.search import IndexReader
+
+        config = self.config
+        images = IndexReader(config.index_dir, model=config.model, runtime=config.runtime, device=config.device)
+        if images.modality != "image":
+            raise EngineUnavailable(f"{config.index_dir} is an index of {images.modality}s; --index-dir needs an "
+                                    f"image index (give a caption index as --text-index-dir)")
+        self.embedder = images.embedder  # loads the model now, not on the first request
+        self.readers[IMAGES] = images
+        if config.text_index_dir is not None:
+            texts = IndexReader(config.text_index_dir, embedder=self.embedder)
+            if texts.modality != "text":
+                raise EngineUnavailable(f"{config.text_index_dir} is an index of {texts.modality}s; "
+                                        f"--text-index-dir needs a caption index (`mmretrieve index --texts`)")
+            self.readers[TEXTS] = texts
+        for name, reader in self.readers.items():
+            self._identity[name] = _database_identity(reader.folder)
+            self._record(name)
+        self._last_check = time.monotonic()
+
+    def _record(self, name: str) -> None:
+        reader = self.readers[name]
+        status = dict(self.status)
+        status[name] = {"folder": str(reader.folder), "generation": reader.generation, "items": len(reader.index),
+                        "index_type": reader.manifest.get("index_type")}
+        self.status = status
+        self.metrics.index_items.set(len(reader.index), name)
+        self.metrics.index_generation.set(reader.generation, name)
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if self.problem or now - self._last_check < self.config.reload_interval:
+            return
+        self._last_check = now
+        for name, reader in list(self.readers.items()):
+            try:
+                if _database_identity(reader.folder) not in (None, self._identity[name]):
+                    if not self._reopen(name):
+                        continue
+                elif not reader.refresh():
+                    continue
+            except Exception as exc:  # noqa: BLE001 - keep serving what is loaded, and say why not newer
+                log.warning("could not load the new generation of %s: %s", reader.folder, exc)
+                continue
+            self.metrics.reloads.inc(name)
+            self._record(name)
+            log.info("loaded generation %d of %s (%d items)", self.readers[name].generation, reader.folder,
+                     len(self.readers[name].index))
+
+    def _reopen(self, name: str) -> bool:
+        """`index --rebuild` replaced the database: open the new one once it has published, or
+        refuse searches if it was rebuilt with another model. True when a new reader is in place."""
+        from ..index.search import IndexReader
+        from ..index.store import read_manifest
+
+        folder = self.readers[name].folder
+        built_with = read_manifest(folder)["model"]
+        if built_with["fingerprint"] != self.embedder.fingerprint:
+            self.problem = (f"{folder} was rebuilt with model {built_with['ref']}; restart the server so that it "
+                            f"embeds queries with that model")
+            log.error(self.problem)
+            return False
+        identity = _database_identity(folder)
+        reader = IndexReader(folder, embedder=self.embedder)  # raises until the rebuild has published
+        self.readers.pop(name).close()
+        self.readers[name], self._identity[name] = reader, identity
+        if self.on_reopen is not None:
+            self.on_reopen(name)
+        return True
+
+    def _serve(self, batch: list) -> None:
+        searches: dict[str, list[_Query]] = defaultdict(list)
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the client went away while it waited
+            if isinstance(job, _Call):
+                _settle(job.future, lambda: job.fn(self.readers))
+            elif self.problem:
+                job.future.set_exception(EngineUnavailable(self.problem))
+            else:
+                searches[job.target].append(job)
+        for target, jobs in searches.items():
+            try:
+                results = self._search(target, jobs)
+            except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
+                for job in jobs:
+                    job.future.set_exception(exc)
+                continue
+            for job, hits in zip(jobs, results):
+                job.future.set_result(hits)
+
+    def _search(self, target: str, jobs: list[_Query]) -> list[list]:
+        started = time.perf_counter()
+        vectors = np.empty((len(jobs), int(self.embedder.embed_dim)), dtype=np.float32)
+        texts = [i for i, job in enumerate(jobs) if job.kind == "text"]
+        images = [i for i, job in enumerate(jobs) if job.kind == "pixels"]
+        if texts:
+            vectors[texts] = self.embedder.embed_texts([jobs[i].payload for i in texts])
+        if images:
+            vectors[images] = self.embedder.embed_pixels(np.stack([jobs[i].payload for i in images]))
+        embedded = time.perf_counter()
+        # One search at the largest k; each request keeps its own prefix (scores are sorted).
+        hits = self.readers[target].search_vectors(vectors, k=max(job.k for job in jobs))
+        done = time.perf_counter()
+        self.metrics.batch_size.observe(len(jobs))
+        self.metrics.stage_seconds.observe(embedded - started, "embed")
+        self.metrics.stage_seconds.observe(done - embedded, "search")
+        for job in jobs:
+            self.metrics.searches.inc("text" if job.kind == "text" else "image", target)
+        return [[hit for hit in row[:job.k] if job.min_score is None or hit.score >= job.min_score]
+                for job, row in zip(jobs, hits)]
+
+    def _fail_pending(self, exc: Exception) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(exc)
+
+
+def _database_identity(folder: Path) -> tuple[int, int] | None:
+    """Which file the index database is now; `index --rebuild` deletes it and creates a new one,
+    which an open SQLite connection would never notice."""
+    from ..index.store import DATABASE
+
+    try:
+        info = os.stat(Path(folder) / DATABASE)
+    except FileNotFoundError:
+        return None  # between the rebuild's delete and create: keep what is loaded
+    return info.st_dev, info.st_ino
+
+
+def _settle(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as exc:  # noqa: BLE001 - raised again in the waiting request
+        future.set_exception(exc)
