@@ -36,6 +36,7 @@ ENV_STRICT = "MMRETRIEVE_STRICT_PLUGINS"
 BUILTIN_PLUGINS = (
     "mmretrieve.default_plugins.encoders",
     "mmretrieve.default_plugins.losses",
+    "mmretrieve.default_plugins.fusion",
     "mmretrieve.default_plugins.runtimes",
     "mmretrieve.default_plugins.index_backends",
 )
