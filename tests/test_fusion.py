@@ -244,3 +244,63 @@ def test_recall_is_perfect_when_queries_equal_their_item():
     owners = np.repeat(np.arange(20), 2)
     table = evaluate_fusion(CaptionedEmbeddings(images, images[owners], owners), {})
     assert table["image-only"] == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0}
+
+
+# -- multimodal queries -----------------------------------------------------------------------
+class FakeEmbedder:
+    """Texts and images map to fixed unit vectors; the fingerprint is what bundles are checked against."""
+
+    fingerprint = "abc123"
+
+    def __init__(self, dim=16):
+        self.text_vector, self.image_vector = random_pair(n=1, d=dim, seed=7)
+
+    def embed_texts(self, texts):
+        return np.repeat(self.text_vector, len(texts), axis=0)
+
+    def embed_images(self, images):
+        return np.repeat(self.image_vector, len(images), axis=0)
+
+
+class FakeReader:
+    def __init__(self, items):
+        self.embedder, self.items = FakeEmbedder(), items
+
+    def search_vectors(self, queries, k=10, min_score=None):
+        scores = queries @ self.items.T
+        return [[(float(row[i]), int(i)) for i in np.argsort(-row)[:k]] for row in scores]
+
+
+def test_a_multimodal_query_ranks_by_the_weighted_similarities():
+    from mmretrieve.fusion.query import search_fused
+
+    reader = FakeReader(unit(np.random.default_rng(3).normal(size=(30, 16))))
+    text, image = reader.embedder.text_vector[0], reader.embedder.image_vector[0]
+    hits = search_fused(reader, "q.jpg", "at night", k=5, fusion="late", weights=(0.3, 0.7))
+    expected = 0.3 * reader.items @ text + 0.7 * reader.items @ image
+    assert [i for _, i in hits] == np.argsort(-expected)[:5].tolist()
+    np.testing.assert_allclose([s for s, _ in hits], np.sort(expected)[::-1][:5], atol=1e-5)
+    # mean ranks like late fusion with the same weights (a normalised query vector, same order).
+    assert [i for _, i in search_fused(reader, "q.jpg", "at night", k=5, fusion="mean", weights=(0.3, 0.7))] == \
+        [i for _, i in hits]
+    only_text = search_fused(reader, "q.jpg", "at night", k=3, fusion="mean", weights=(1, 0))
+    assert [i for _, i in only_text] == np.argsort(-(reader.items @ text))[:3].tolist()
+
+
+def test_a_multimodal_query_with_a_trained_head_needs_its_bundle(tmp_path, trained_gated):
+    from mmretrieve.fusion.query import fused_query_vector
+    from mmretrieve.fusion.store import save_fusion
+
+    embedder = FakeEmbedder()
+    with pytest.raises(ConfigError, match="fusion bundle"):
+        fused_query_vector(embedder, "q.jpg", "at night", fusion="gated")
+    folder = save_fusion(trained_gated, tmp_path / "gated", base_fingerprint="abc123")
+    vector = fused_query_vector(embedder, "q.jpg", "at night", fusion="gated", fusion_bundle=folder)
+    np.testing.assert_allclose(vector, trained_gated.fuse(embedder.text_vector, embedder.image_vector), atol=1e-6)
+    with pytest.raises(ConfigError, match="holds a gated head"):
+        fused_query_vector(embedder, "q.jpg", "at night", fusion="concat-projection", fusion_bundle=folder)
+    embedder.fingerprint = "another-model"
+    with pytest.raises(BundleError, match="trained on the embeddings of model abc123"):
+        fused_query_vector(embedder, "q.jpg", "at night", fusion="gated", fusion_bundle=folder)
+    with pytest.raises(InputError, match="must not be empty"):
+        fused_query_vector(embedder, "q.jpg", "  ")
