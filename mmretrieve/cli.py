@@ -440,10 +440,12 @@ def search(queries, images, k, min_score, index_dir, search_texts, model_ref, ru
               help="Query images with more pixels get 413 (default 40,000,000).")
 @click.option("--root-path", default="", envvar="MMRETRIEVE_ROOT_PATH", show_envvar=True,
               help="URL prefix when a reverse proxy serves this under a sub-path, e.g. /search.")
+@click.option("--threads", type=click.IntRange(1), envvar="MMRETRIEVE_THREADS", show_envvar=True,
+              help="Threads for embedding and FAISS (default: one fewer than the cores).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(index_dir, text_index_dir, host, port, model_ref, runtime, device, api_key, roots, thumb_cache,
-          max_upload_mb, max_pixels, root_path, log_level):
+          max_upload_mb, max_pixels, root_path, threads, log_level):
     """Serve search over HTTP: a web page at /, a JSON API under /api, /health and /metrics.
 
     The model and indexes load once; a generation published by `mmretrieve index` is
@@ -451,7 +453,7 @@ def serve(index_dir, text_index_dir, host, port, model_ref, runtime, device, api
     """
     from .api import default_index_dir
     from .index.store import MANIFEST
-    from .serve.config import ServeConfig, default_thumb_cache
+    from .serve.config import ServeConfig, default_compute_threads, default_thumb_cache
 
     try:
         from .serve.server import serve as run_server
@@ -464,7 +466,8 @@ def serve(index_dir, text_index_dir, host, port, model_ref, runtime, device, api
                          text_index_dir=Path(text_index_dir) if text_index_dir else None, model=model_ref,
                          runtime=runtime, device=device, api_key=api_key or None,
                          roots=tuple(Path(r) for r in roots), max_upload_bytes=int(max_upload_mb * (1 << 20)),
-                         thumb_cache=Path(thumb_cache) if thumb_cache else default_thumb_cache())
+                         thumb_cache=Path(thumb_cache) if thumb_cache else default_thumb_cache(),
+                         compute_threads=threads or default_compute_threads())
     if max_pixels:
         config.max_pixels = max_pixels
     run_server(config, host=host, port=port, root_path=root_path.rstrip("/"), log_level=log_level)

@@ -163,6 +163,26 @@ def test_queued_queries_are_embedded_as_one_batch_while_the_event_loop_stays_fre
     assert metrics.searches.value("text", "images") == before[1] + 6
 
 
+def test_compute_threads_are_set_on_the_thread_that_embeds(small_index, monkeypatch):
+    import torch
+
+    from mmretrieve.index.faiss_lib import faiss
+    from mmretrieve.runtime.onnx_runtime import THREADS_ENV
+
+    monkeypatch.setenv(THREADS_ENV, "1")  # what the engine would set for onnxruntime, undone afterwards
+
+    index_folder(small_index["photos"], small_index["index"], "--model", str(small_index["bundle"]))
+    before = torch.get_num_threads()
+    try:
+        with small_app(small_index, compute_threads=1) as client:
+            engine = client.app.state.engine
+            seen = client.portal.call(engine.call, lambda readers: (torch.get_num_threads(),
+                                                                   faiss().omp_get_max_threads()))
+            assert seen == (1, 1)
+    finally:
+        torch.set_num_threads(before)  # torch's count is process-wide: leave it as other tests expect
+
+
 # -- health, metrics, page ----------------------------------------------------------------------
 
 def test_health_reports_what_is_loaded(client):

@@ -38,3 +38,15 @@ class ServeConfig:
     thumb_workers: int = 2  # thumbnails decoded at once (each holds a full-size image in memory)
     max_batch: int = 32  # queries embedded and searched together when requests queue up
     reload_interval: float = 2.0  # seconds between checks for a newly published index generation
+    compute_threads: int | None = None  # threads for embedding and FAISS; None: the runtimes' own default
+
+
+def default_compute_threads() -> int:
+    """One core fewer than the process may use: the event loop, uploads and thumbnails need one.
+    With every core given to torch's OpenMP pool, its spinning threads and the server's own
+    threads preempt each other; on 2 cores that cut throughput by 5x (docs/serving.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)

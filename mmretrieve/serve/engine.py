@@ -143,11 +143,17 @@ class SearchEngine:
         from ..index.search import IndexReader
 
         config = self.config
+        if config.compute_threads:
+            from ..runtime.onnx_runtime import THREADS_ENV
+
+            os.environ.setdefault(THREADS_ENV, str(config.compute_threads))  # read when sessions are made
         images = IndexReader(config.index_dir, model=config.model, runtime=config.runtime, device=config.device)
         if images.modality != "image":
             raise EngineUnavailable(f"{config.index_dir} is an index of {images.modality}s; --index-dir needs an "
                                     f"image index (give a caption index as --text-index-dir)")
         self.embedder = images.embedder  # loads the model now, not on the first request
+        if config.compute_threads:
+            _limit_threads(config.compute_threads)
         self.readers[IMAGES] = images
         if config.text_index_dir is not None:
             texts = IndexReader(config.text_index_dir, embedder=self.embedder)
@@ -260,6 +266,18 @@ class SearchEngine:
                 return
             if job is not _STOP and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(exc)
+
+
+def _limit_threads(count: int) -> None:
+    """torch's and FAISS's OpenMP thread counts, set on this (the worker) thread, which is the
+    one that runs them: OpenMP keeps the setting per calling thread."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+    from ..index.faiss_lib import faiss
+
+    faiss().omp_set_num_threads(count)
 
 
 def _database_identity(folder: Path) -> tuple[int, int] | None:
