@@ -215,7 +215,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         def locate():
             entry = catalog.entry(item_id)
             handle, info = open_servable(entry.path, catalog.roots())
-            key = thumbs.key(entry.sha256, info)
+            key = thumbs.key(entry.sha256 or entry.path, info)
             return handle, key, thumbs.cached(key)
 
         handle, key, path = await anyio.to_thread.run_sync(locate)

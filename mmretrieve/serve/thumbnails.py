@@ -31,8 +31,9 @@ class ThumbnailCache:
         self.size = size
         self.max_pixels = max_pixels
 
-    def key(self, sha256: str | None, info: os.stat_result) -> str:
-        text = f"{sha256}:{info.st_size}:{info.st_mtime_ns}:{self.size}:{QUALITY}:{FORMAT_VERSION}"
+    def key(self, content: str, info: os.stat_result) -> str:
+        """``content``: the item's SHA-256 from the index (its path where the index has none)."""
+        text = f"{content}:{info.st_size}:{info.st_mtime_ns}:{self.size}:{QUALITY}:{FORMAT_VERSION}"
         return hashlib.sha256(text.encode()).hexdigest()[:40]
 
     def path(self, key: str) -> Path:
