@@ -304,3 +304,35 @@ def test_a_multimodal_query_with_a_trained_head_needs_its_bundle(tmp_path, train
         fused_query_vector(embedder, "q.jpg", "at night", fusion="gated", fusion_bundle=folder)
     with pytest.raises(InputError, match="must not be empty"):
         fused_query_vector(embedder, "q.jpg", "  ")
+
+
+# -- the end-to-end experiment on a tiny real model ----------------------------------------------------
+@pytest.mark.slow
+def test_experiment_trains_saves_exports_and_prints_the_table(tmp_path, tiny_model, capsys):
+    from conftest import random_image
+
+    from mmretrieve.bundle import save_bundle
+    from mmretrieve.fusion.experiment import main
+    from mmretrieve.fusion.store import load_fusion
+
+    bundle = save_bundle(tiny_model, tmp_path / "model")
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i in range(8):
+        random_image(i).save(tmp_path / "images" / f"{i}.jpg")
+        lines.append(json.dumps({"image": f"images/{i}.jpg", "captions": [f"photo {i}", f"picture number {i}", f"{i}"]}))
+    (tmp_path / "set.jsonl").write_text("\n".join(lines))
+    args = ["--model", str(bundle.path), "--train", str(tmp_path / "set.jsonl"), "--eval", str(tmp_path / "set.jsonl"),
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--epochs", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for row in ("image-only", "text-only", *STRATEGIES):
+        assert f"| {row} |" in printed
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert table["fingerprint"] == bundle.fingerprint and set(table["recall"]) == {"image-only", "text-only", *STRATEGIES}
+    for name in ("concat-projection", "gated"):
+        assert (tmp_path / "out" / name / "fusion.onnx").is_file()
+        assert load_fusion(tmp_path / "out" / name, base_fingerprint=bundle.fingerprint).name == name
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4  # image and text features of both sets
+    assert main([*args[:-2], "--epochs", "1", "--weights", "1,-1"]) == 1
+    assert "must not be negative" in capsys.readouterr().err
