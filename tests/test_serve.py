@@ -141,12 +141,20 @@ def test_image_to_text_and_text_to_text_use_the_caption_index(client, library):
     assert len(texts) == 2 and all("text" in h for h in texts)
 
 
+def occupy(client, engine, release: threading.Event):
+    """Keep the engine's worker busy until ``release`` is set; returns once it is busy."""
+    started = threading.Event()
+    blocker = client.portal.start_task_soon(engine.call, lambda readers: started.set() or release.wait(30))
+    assert started.wait(30)
+    return blocker
+
+
 def test_queued_queries_are_embedded_as_one_batch_while_the_event_loop_stays_free(client):
     engine = client.app.state.engine
     metrics = client.app.state.metrics
     release, results = threading.Event(), []
     before = (metrics.batch_size.count(), metrics.searches.value("text", "images"))
-    blocker = client.portal.start_task_soon(engine.call, lambda readers: release.wait(30))
+    blocker = occupy(client, engine, release)
     threads = [threading.Thread(target=lambda q=q: results.append(search(client, q, k=2))) for q in
                ("a dog", "a cat", "a red car", "two people", "a ball", "a hat")]
     for thread in threads:
@@ -181,6 +189,27 @@ def test_compute_threads_are_set_on_the_thread_that_embeds(small_index, monkeypa
             assert seen == (1, 1)
     finally:
         torch.set_num_threads(before)  # torch's count is process-wide: leave it as other tests expect
+
+
+def test_beyond_the_queue_bound_requests_get_503_not_memory(client, config, monkeypatch):
+    engine = client.app.state.engine
+    monkeypatch.setattr(config, "max_queued", 2)
+    release, answers = threading.Event(), []
+    blocker = occupy(client, engine, release)
+    waiting = [threading.Thread(target=lambda: answers.append(client.get("/api/search?q=dog").status_code))
+               for _ in range(2)]
+    for thread in waiting:
+        thread.start()
+    while engine._queue.qsize() < 2:
+        threading.Event().wait(0.01)
+    busy = client.get("/api/search?q=dog")
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
+    release.set()
+    for thread in waiting:
+        thread.join(30)
+    blocker.result(30)
+    assert answers == [200, 200]
+    assert metric(client, "mmretrieve_rejected_requests_total", reason="busy") >= 1
 
 
 # -- health, metrics, page ----------------------------------------------------------------------

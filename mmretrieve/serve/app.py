@@ -33,7 +33,7 @@ from .. import __version__
 from ..errors import MMRetrieveError
 from .auth import check_key
 from .config import ServeConfig
-from .engine import IMAGES, TEXTS, EngineUnavailable, SearchEngine
+from .engine import IMAGES, TEXTS, EngineBusy, EngineUnavailable, SearchEngine
 from .files import Catalog, open_servable
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .problems import RequestProblem
@@ -102,6 +102,9 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable):
+        if isinstance(exc, EngineBusy):
+            metrics.rejected.inc("busy")
+            return JSONResponse({"error": str(exc)}, 503, headers={"Retry-After": "1"})
         return JSONResponse({"error": str(exc)}, 503)
 
     @app.exception_handler(MMRetrieveError)

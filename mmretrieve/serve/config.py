@@ -37,6 +37,7 @@ class ServeConfig:
     thumb_size: int = 320  # longest side of a thumbnail, in pixels
     thumb_workers: int = 2  # thumbnails decoded at once (each holds a full-size image in memory)
     max_batch: int = 32  # queries embedded and searched together when requests queue up
+    max_queued: int = 1024  # queries waiting beyond this get 503 (overload), rather than unbounded memory
     reload_interval: float = 2.0  # seconds between checks for a newly published index generation
     compute_threads: int | None = None  # threads for embedding and FAISS; None: the runtimes' own default
 

@@ -39,6 +39,10 @@ class EngineUnavailable(MMRetrieveError):
     """The engine cannot answer (a reload failed, or it is shutting down); the service says 503."""
 
 
+class EngineBusy(EngineUnavailable):
+    """More queries are waiting than ``max_queued``; the client should retry shortly."""
+
+
 @dataclass
 class _Query:
     kind: str  # "text" or "pixels"
@@ -89,6 +93,8 @@ class SearchEngine:
     async def _ask(self, job) -> Any:
         if not self._thread.is_alive():
             raise EngineUnavailable("the search engine has stopped")
+        if self._queue.qsize() >= self.config.max_queued:
+            raise EngineBusy(f"the server is busy ({self.config.max_queued} queries waiting); retry in a moment")
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
 
