@@ -379,20 +379,36 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of results (per query if several).")
 @click.option("-p", "--paths", "paths_only", is_flag=True, help="Print only paths, one per line (for piping).")
-def search(queries, images, k, min_score, index_dir, search_texts, model_ref, runtime, device, as_json, paths_only):
-    """Search an index by text (QUERY, or - to read queries from stdin) or by --image."""
+@click.option("--text", "query_text", help="With one --image: words that refine it (\"at night\"), fused into one query.")
+@click.option("--fusion", help="Fusion strategy for --image with --text: late, mean, concat-projection, gated, or a plugin's.")
+@click.option("--weights", help="text,image weights for late and mean fusion, e.g. 0.3,0.7 (default 0.5,0.5).")
+@click.option("--fusion-bundle", type=click.Path(file_okay=False), help="Trained fusion head for a trained --fusion.")
+def search(queries, images, k, min_score, index_dir, search_texts, model_ref, runtime, device, as_json, paths_only,
+           query_text, fusion, weights, fusion_bundle):
+    """Search an index by text (QUERY, or - to read queries from stdin), by --image, or by both (--image with --text)."""
     from .api import default_index_dir
     from .index.search import IndexReader
 
     queries = list(queries)
     if queries == ["-"]:
         queries = [line.strip() for line in sys.stdin if line.strip()]
-    if bool(queries) == bool(images):
+    multimodal = query_text is not None
+    if multimodal and (queries or len(images) != 1):
+        raise click.UsageError("--text refines exactly one --image; give no QUERY arguments with it")
+    if not multimodal and (fusion or weights or fusion_bundle):
+        raise click.UsageError("--fusion, --weights and --fusion-bundle combine --image with --text; add --text")
+    if not multimodal and bool(queries) == bool(images):
         raise click.UsageError("give text QUERY arguments or --image PATH, not both and not neither")
     folder = Path(index_dir) if index_dir else default_index_dir("text" if search_texts else "image")
     reader = IndexReader(folder, model=model_ref, runtime=runtime, device=device)
-    results = reader.search_text(queries, k, min_score) if queries else reader.search_image(images, k, min_score)
-    labels = queries or list(images)
+    if multimodal:
+        from .fusion.query import search_fused
+
+        results = [search_fused(reader, images[0], query_text, k, fusion or "mean", weights, fusion_bundle, min_score)]
+        labels = [f"{images[0]} + {query_text}"]
+    else:
+        results = reader.search_text(queries, k, min_score) if queries else reader.search_image(images, k, min_score)
+        labels = queries or list(images)
     if as_json:
         payload = [[hit.as_dict() for hit in hits] for hits in results]
         echo_json(payload[0] if len(payload) == 1 else
