@@ -6,6 +6,9 @@
         print(hit.score, hit.path)
     index.update("./photos")                                # add new, re-embed changed, drop vanished
     index.remove(["./photos/old.jpg"])
+    index.search_fused("query.jpg", "at night", fusion="mean")  # an image refined by words
+
+    products = mm.build_index("./shop", model="default", captions="titles.csv", fusion="mean")  # photo + title items
 """
 
 from __future__ import annotations
@@ -39,14 +42,24 @@ class Index:
     def search_image(self, image: str | Path | Any, k: int = 10, min_score: float | None = None) -> list[Hit]:
         return self.reader.search_image([image], k, min_score)[0]
 
+    def search_fused(self, image: str | Path | Any, text: str, k: int = 10, fusion: str = "mean",
+                     weights: str | Sequence[float] | None = None, fusion_bundle: str | Path | None = None,
+                     min_score: float | None = None) -> list[Hit]:
+        """An example image refined by words ("like this, but at night") as one fused query."""
+        from .fusion.query import search_fused
+
+        return search_fused(self.reader, image, text, k, fusion, weights, fusion_bundle, min_score)
+
     def update(self, root: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
-               **options: Any) -> IndexReport:
-        report = index_images(root, self.folder, self.reader.embedder, tuple(include), tuple(exclude), **options)
+               captions: str | Path | None = None, **options: Any) -> IndexReport:
+        """Bring the index in line with ``root``; a fused index keeps its fusion and captions file."""
+        report = _index(root, self.folder, self.reader.embedder, tuple(include), tuple(exclude), captions, options)
         self.reader.refresh()
         return report
 
-    def add(self, paths: Sequence[str | Path], **options: Any) -> list[IndexReport]:
-        reports = [index_images(path, self.folder, self.reader.embedder, **options) for path in paths]
+    def add(self, paths: Sequence[str | Path], captions: str | Path | None = None,
+            **options: Any) -> list[IndexReport]:
+        reports = [_index(path, self.folder, self.reader.embedder, (), (), captions, dict(options)) for path in paths]
         self.reader.refresh()
         return reports
 
@@ -64,14 +77,27 @@ def open_index(index_dir: str | Path | None = None, model: str | None = None, ru
     return Index(index_dir or default_index_dir("image"), model, runtime, device)
 
 
+def _index(root, folder: Path, embedder, include, exclude, captions, options: dict[str, Any]) -> IndexReport:
+    """index_images with the captions file and fusion settings resolved as the CLI does."""
+    from .fusion.items import item_fusion_settings
+
+    fusion = [options.pop(key, None) for key in ("fusion", "weights", "fusion_bundle")]
+    captions_map, strategy, source = item_fusion_settings(folder, embedder, captions, *fusion)
+    return index_images(root, folder, embedder, include, exclude, captions=captions_map, fusion=strategy,
+                        captions_source=source, **options)
+
+
 def build_index(root: str | Path, model: str, index_dir: str | Path | None = None, runtime: str = "auto",
-                device: str | None = None, **options: Any) -> Index:
-    """Create (or update) an image index for a folder with a model, and open it."""
+                device: str | None = None, captions: str | Path | None = None, **options: Any) -> Index:
+    """Create (or update) an image index for a folder with a model, and open it. With ``captions``
+    (a data file) and ``fusion`` (a strategy name; ``weights``, ``fusion_bundle``) each image is
+    indexed fused with its first caption."""
     from .runtime import load_embedder
 
     folder = Path(index_dir or default_index_dir("image"))
     embedder = load_embedder(model, runtime, device)
-    index_images(root, folder, embedder, **options)
+    _index(root, folder, embedder, tuple(options.pop("include", ())), tuple(options.pop("exclude", ())), captions,
+           options)
     index = Index.__new__(Index)
     index.folder = folder
     index.reader = IndexReader(folder, embedder=embedder)

@@ -195,19 +195,30 @@ def _print_gain(result) -> None:
 @click.option("--model", "model_ref", default="default", show_default=True,
               help="A model bundle, registered model name or ONNX export folder.")
 @click.option("--data", required=True, help="Captioned images: JSONL, CSV, COCO captions JSON or a folder.")
+@click.option("--fused", is_flag=True,
+              help="Fused items instead: each image plus one caption is an item, its other captions query it; "
+                   "image-only, text-only and every fusion strategy in one table.")
+@click.option("--weights", help="With --fused: text,image weights for late and mean (default 0.5,0.5).")
+@click.option("--fusion-bundle", "fusion_bundles", multiple=True, type=click.Path(file_okay=False),
+              help="With --fused: a trained fusion head to include (repeatable; heads stored in the model are included).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
 @click.option("--runtime", default="auto", show_default=True,
               help="torch, onnx, or auto (onnx for an export folder, else torch).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--json", "as_json", is_flag=True, help='Print {"t2i": {...}, "i2t": {...}} (percentages).')
-def evaluate(model_ref, data, batch_size, workers, runtime, device, as_json):
+def evaluate(model_ref, data, fused, weights, fusion_bundles, batch_size, workers, runtime, device, as_json):
     """Recall@1/5/10 and median rank, text->image and image->text (CLIP_benchmark protocol)."""
     from .data import load_captions
     from .runtime import choose_runtime
 
+    if not fused and (weights or fusion_bundles):
+        raise click.UsageError("--weights and --fusion-bundle go with --fused")
     captions = load_captions(data)
     runtime = choose_runtime(model_ref, runtime)
+    if fused:
+        _evaluate_fused(model_ref, captions, weights, fusion_bundles, batch_size, workers, runtime, device, as_json)
+        return
     if runtime == "torch":
         import torch
 
@@ -232,6 +243,59 @@ def evaluate(model_ref, data, batch_size, workers, runtime, device, as_json):
     for direction in ("t2i", "i2t"):
         m = metrics[direction]
         click.echo(f"{direction:>4} {m['R@1']:>6.1f} {m['R@5']:>6.1f} {m['R@10']:>6.1f} {m['median_rank']:>12g}")
+
+
+def _evaluate_fused(model_ref, captions, weights, fusion_bundles, batch_size, workers, runtime, device, as_json):
+    from .fusion.evaluation import evaluate_fused_items, format_table
+    from .runtime import load_embedder
+
+    embedder = load_embedder(model_ref, runtime, None if device == "auto" else device)
+    table, skipped = evaluate_fused_items(embedder, captions.items, weights, fusion_bundles, batch_size, workers,
+                                          progress=not as_json)
+    for note in skipped:
+        click.echo(f"left out: {note}", err=True)
+    if as_json:
+        echo_json(table)
+        return
+    queries = captions.num_captions - len(captions)
+    click.echo(f"{len(captions)} items (image + first caption), {queries} caption queries ({captions.source})")
+    click.echo(format_table(table))
+
+
+@cli.command(name="train-fusion")
+@click.option("--model", "model_ref", default="default", show_default=True,
+              help="The model bundle (or registered model) whose embeddings the heads fuse.")
+@click.option("--data", required=True, help="Captioned images (two or more captions each): JSONL, CSV, COCO, folder.")
+@click.option("--strategy", "strategies", multiple=True,
+              help="Trained strategy to train (repeatable; default: every trainable one registered).")
+@click.option("-o", "--out", type=click.Path(file_okay=False),
+              help="Folder for the heads, one fusion bundle per strategy (default: MODEL/fusion for a bundle folder).")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True, help="Distinct images per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache", type=click.Path(file_okay=False), help="Folder to cache the towers' features in (reused).")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
+@click.option("--device", help="torch device for the towers (default: cuda when present).")
+@click.option("--json", "as_json", is_flag=True, help="Print one report per head as JSON.")
+def train_fusion(model_ref, data, strategies, out, epochs, batch_size, lr, seed, cache, workers, device, as_json):
+    """Train fusion heads (concat-projection, gated) on a model's frozen embeddings.
+
+    Each step fuses an image with one of its captions and contrasts the item with another caption
+    of the same image. Heads are saved as fusion bundles (PyTorch weights and a parity-checked
+    ONNX graph); stored in a model bundle, `index --fusion`, `search --fusion`, `eval --fused`
+    and `export` find them there.
+    """
+    from .fusion.training import FusionTrainConfig, train_fusion_heads
+
+    config = FusionTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    reports = train_fusion_heads(model_ref, data, list(strategies) or None, out, config, cache, workers, device)
+    if as_json:
+        echo_json(reports)
+        return
+    for r in reports:
+        click.echo(f"{r['strategy']}: {r['steps']} steps on {r['images']} images in {r['seconds']:.1f}s, "
+                   f"final loss {r['final_loss']:.3f}, ONNX parity {r['onnx_min_cosine']:.6f} -> {r['folder']}")
 
 
 @cli.command()
@@ -271,6 +335,8 @@ def export(model_ref, out, fp16, int8, eval_data, force, opset, as_json):
         click.echo(line)
     for variant, metrics in manifest.get("recall", {}).get("results", {}).items():
         click.echo(f"{variant:>5}: R@5 t2i {metrics['t2i']['R@5']:.2f}, i2t {metrics['i2t']['R@5']:.2f}")
+    for name, head in manifest.get("fusion_heads", {}).items():
+        click.echo(f"fusion head {name}: ONNX vs PyTorch min cosine {head['onnx_min_cosine']:.6f}")
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -306,7 +372,11 @@ def default_model_name(folder: Path) -> str:
               help="auto picks by collection size and --memory-budget.")
 @click.option("--memory-budget", help="Memory the index may use, e.g. 4GB (for --index-type auto).")
 @click.option("--captions", "captions_file", type=click.Path(exists=True),
-              help="Captions or titles for the images (JSONL, CSV, COCO JSON), stored as metadata.")
+              help="Captions or titles for the images (JSONL, CSV, COCO JSON), stored as metadata (and fused with --fusion).")
+@click.option("--fusion", help="Index each image fused with its first caption: late, mean, concat-projection, gated, ...")
+@click.option("--weights", help="text,image weights for late and mean fusion (default 0.5,0.5).")
+@click.option("--fusion-bundle", type=click.Path(file_okay=False),
+              help="Trained head for a trained --fusion (default: the one stored in the model).")
 @click.option("--texts", "texts_file", type=click.Path(exists=True),
               help="Index the captions of this data file instead of images (for image->text search).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -318,12 +388,13 @@ def default_model_name(folder: Path) -> str:
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (needed to switch models).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def index(path, model_ref, index_dir, include, exclude, index_type, memory_budget, captions_file, texts_file,
-          batch_size, workers, commit_every, runtime, device, rebuild, as_json):
+def index(path, model_ref, index_dir, include, exclude, index_type, memory_budget, captions_file, fusion, weights,
+          fusion_bundle, texts_file, batch_size, workers, commit_every, runtime, device, rebuild, as_json):
     """Embed a folder of images (or a captions file) into a FAISS index.
 
     Re-running indexes only new or changed files and drops vanished ones; a killed run
-    resumes where it stopped. Unreadable files are listed and skipped.
+    resumes where it stopped. Unreadable files are listed and skipped. With --captions and
+    --fusion every image is indexed together with its caption as one multimodal item.
     """
     from .api import default_index_dir
     from .index.store import MANIFEST, read_manifest
@@ -331,6 +402,8 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 
     if bool(path) == bool(texts_file):
         raise click.UsageError("give a PATH of images to index, or --texts FILE to index captions")
+    if texts_file and (fusion or weights or fusion_bundle):
+        raise click.UsageError("--fusion fuses images with their captions; it does not apply to --texts")
     folder = Path(index_dir) if index_dir else default_index_dir("text" if texts_file else "image")
     if not model_ref:
         if (folder / MANIFEST).is_file():
@@ -345,16 +418,14 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 
         report = index_texts(texts_file, folder, embedder, index_type=index_type, rebuild=rebuild)
     else:
+        from .fusion.items import item_fusion_settings
         from .index.builder import index_images
 
-        captions = None
-        if captions_file:
-            from .data import load_captions
-
-            captions = {str(i.image.resolve()): i.captions for i in load_captions(captions_file, check_images=False).items}
+        captions, strategy, source = item_fusion_settings(folder, embedder, captions_file, fusion, weights, fusion_bundle)
         workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
         report = index_images(path, folder, embedder, include, exclude, index_type, batch_size, workers, commit_every,
-                              captions, rebuild, memory_budget=_parse_size(memory_budget))
+                              captions, rebuild, memory_budget=_parse_size(memory_budget), fusion=strategy,
+                              captions_source=source)
     if as_json:
         echo_json(report.__dict__)
         return
@@ -362,6 +433,8 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
                f"added {report.added}, updated {report.updated}, removed {report.removed}, "
                f"unchanged {report.unchanged}, failed {len(report.failed)}; "
                f"{report.seconds:.1f}s, {report.items_per_s:.1f} items/s")
+    if report.uncaptioned:
+        click.echo(f"{report.uncaptioned} images had no caption and are indexed by the image alone", err=True)
     for failure in report.failed:
         click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
 
@@ -382,7 +455,7 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 @click.option("--text", "query_text", help="With one --image: words that refine it (\"at night\"), fused into one query.")
 @click.option("--fusion", help="Fusion strategy for --image with --text: late, mean, concat-projection, gated, or a plugin's.")
 @click.option("--weights", help="text,image weights for late and mean fusion, e.g. 0.3,0.7 (default 0.5,0.5).")
-@click.option("--fusion-bundle", type=click.Path(file_okay=False), help="Trained fusion head for a trained --fusion.")
+@click.option("--fusion-bundle", type=click.Path(file_okay=False), help="Trained head for a trained --fusion (default: the one stored in the model).")
 def search(queries, images, k, min_score, index_dir, search_texts, model_ref, runtime, device, as_json, paths_only,
            query_text, fusion, weights, fusion_bundle):
     """Search an index by text (QUERY, or - to read queries from stdin), by --image, or by both (--image with --text)."""

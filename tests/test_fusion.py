@@ -161,13 +161,38 @@ def test_fusion_bundle_round_trips_and_refuses_another_model(tmp_path, trained_g
     from mmretrieve.fusion.store import load_fusion, save_fusion
 
     folder = save_fusion(trained_gated, tmp_path / "gated", base_fingerprint="abc123", training={"steps": 6})
-    assert sorted(p.name for p in folder.iterdir()) == ["fusion.json", "manifest.json", "weights.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["fusion.json", "fusion.onnx", "manifest.json",
+                                                       "weights.safetensors"]
     loaded = load_fusion(folder, base_fingerprint="abc123")
+    assert loaded.digest == json.loads((folder / "fusion.json").read_text())["head_digest"]
     text, image = random_pair(n=6, d=16, seed=5)
     np.testing.assert_allclose(loaded.fuse(text, image), trained_gated.fuse(text, image), atol=1e-6)
     assert json.loads((folder / "fusion.json").read_text())["training"] == {"steps": 6}
     with pytest.raises(BundleError, match="trained on the embeddings of model abc123"):
         load_fusion(folder, base_fingerprint="other")
+
+
+@pytest.mark.onnx
+def test_the_onnx_head_of_a_bundle_fuses_like_pytorch(tmp_path, trained_gated):
+    from mmretrieve.fusion.onnx import OnnxFusion
+    from mmretrieve.fusion.store import save_fusion
+
+    folder = save_fusion(trained_gated, tmp_path / "gated", base_fingerprint="abc123")
+    head = OnnxFusion(folder, base_fingerprint="abc123")
+    text, image = random_pair(n=9, d=16, seed=2)
+    expected = trained_gated.fuse(text, image)
+    np.testing.assert_allclose(head.fuse(text, image), expected, atol=1e-5)
+    assert head.name == "gated" and head.digest == trained_gated_digest(trained_gated)
+    with pytest.raises(BundleError, match="trained on the embeddings of model abc123"):
+        OnnxFusion(folder, base_fingerprint="other")
+    with pytest.raises(InputError, match="16-d"):
+        head.fuse(*random_pair(n=2, d=8))
+
+
+def trained_gated_digest(strategy) -> str:
+    from mmretrieve.fusion.store import head_digest
+
+    return head_digest(strategy.head.state_dict())
 
 
 def test_a_corrupted_fusion_bundle_is_refused(tmp_path, trained_gated):
@@ -251,6 +276,8 @@ class FakeEmbedder:
     """Texts and images map to fixed unit vectors; the fingerprint is what bundles are checked against."""
 
     fingerprint = "abc123"
+    ref = path = "fake-model"
+    embed_dim = 16
 
     def __init__(self, dim=16):
         self.text_vector, self.image_vector = random_pair(n=1, d=dim, seed=7)
@@ -292,7 +319,7 @@ def test_a_multimodal_query_with_a_trained_head_needs_its_bundle(tmp_path, train
     from mmretrieve.fusion.store import save_fusion
 
     embedder = FakeEmbedder()
-    with pytest.raises(ConfigError, match="fusion bundle"):
+    with pytest.raises(ConfigError, match="has no gated head"):
         fused_query_vector(embedder, "q.jpg", "at night", fusion="gated")
     folder = save_fusion(trained_gated, tmp_path / "gated", base_fingerprint="abc123")
     vector = fused_query_vector(embedder, "q.jpg", "at night", fusion="gated", fusion_bundle=folder)
@@ -304,35 +331,3 @@ def test_a_multimodal_query_with_a_trained_head_needs_its_bundle(tmp_path, train
         fused_query_vector(embedder, "q.jpg", "at night", fusion="gated", fusion_bundle=folder)
     with pytest.raises(InputError, match="must not be empty"):
         fused_query_vector(embedder, "q.jpg", "  ")
-
-
-# -- the end-to-end experiment on a tiny real model ----------------------------------------------------
-@pytest.mark.slow
-def test_experiment_trains_saves_exports_and_prints_the_table(tmp_path, tiny_model, capsys):
-    from conftest import random_image
-
-    from mmretrieve.bundle import save_bundle
-    from mmretrieve.fusion.experiment import main
-    from mmretrieve.fusion.store import load_fusion
-
-    bundle = save_bundle(tiny_model, tmp_path / "model")
-    (tmp_path / "images").mkdir()
-    lines = []
-    for i in range(8):
-        random_image(i).save(tmp_path / "images" / f"{i}.jpg")
-        lines.append(json.dumps({"image": f"images/{i}.jpg", "captions": [f"photo {i}", f"picture number {i}", f"{i}"]}))
-    (tmp_path / "set.jsonl").write_text("\n".join(lines))
-    args = ["--model", str(bundle.path), "--train", str(tmp_path / "set.jsonl"), "--eval", str(tmp_path / "set.jsonl"),
-            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--epochs", "2"]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    for row in ("image-only", "text-only", *STRATEGIES):
-        assert f"| {row} |" in printed
-    table = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert table["fingerprint"] == bundle.fingerprint and set(table["recall"]) == {"image-only", "text-only", *STRATEGIES}
-    for name in ("concat-projection", "gated"):
-        assert (tmp_path / "out" / name / "fusion.onnx").is_file()
-        assert load_fusion(tmp_path / "out" / name, base_fingerprint=bundle.fingerprint).name == name
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4  # image and text features of both sets
-    assert main([*args[:-2], "--epochs", "1", "--weights", "1,-1"]) == 1
-    assert "must not be negative" in capsys.readouterr().err

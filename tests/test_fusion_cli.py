@@ -47,7 +47,7 @@ def test_weights_at_the_ends_reproduce_single_modality_search(cli_index):
 @pytest.mark.parametrize("args, message", [
     (["--text", "at night", "--fusion", "mean", "--weights", "-1,2"], "must not be negative"),
     (["--text", "at night", "--fusion", "late", "--weights", "0,0"], "all zero"),
-    (["--text", "at night", "--fusion", "gated"], "fusion bundle"),
+    (["--text", "at night", "--fusion", "gated"], "has no gated head"),
     (["--text", "at night", "--fusion", "meen"], "meen"),
 ])
 def test_fusion_mistakes_are_one_line(cli_index, args, message):

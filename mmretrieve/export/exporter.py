@@ -66,12 +66,29 @@ def export_model(model_ref: str, out: str | Path, precision: str = "fp32", eval_
             manifest["recall"] = _check_recall(fp32, chosen, precision, eval_items, str(eval_data), force, progress)
         elif precision != "fp32":
             log.warning("%s export written without a recall check (--force, no --eval-data)", precision)
+        manifest["fusion_heads"] = _carry_fusion_heads(model, chosen)
         manifest["seconds"] = round(time.time() - started, 1)
         _write_manifest(chosen, manifest, with_hashes=True)
         with atomic_directory(out) as staging:
             for item in chosen.iterdir():
                 shutil.move(str(item), staging / item.name)
     return manifest
+
+
+def _carry_fusion_heads(model, folder: Path) -> dict[str, Any]:
+    """The bundle's trained fusion heads, re-saved into the export (their ONNX graphs parity-checked
+    again), so the onnx runtime fuses items and queries without torch."""
+    from ..fusion.store import FUSION_FOLDER, attached_heads, load_fusion, read_fusion_info, save_fusion
+
+    carried = {}
+    for name, source in attached_heads(model.bundle.path).items():
+        strategy = load_fusion(source, base_fingerprint=model.bundle.fingerprint)
+        target = save_fusion(strategy, folder / FUSION_FOLDER / name, model.bundle.fingerprint,
+                             training=read_fusion_info(source).get("training"))
+        carried[name] = {"head_digest": strategy.digest,
+                         "onnx_min_cosine": read_fusion_info(target)["onnx_parity"]["min_cosine"]}
+        log.info("fusion head %s carried into the export (ONNX parity %.6f)", name, carried[name]["onnx_min_cosine"])
+    return carried
 
 
 def _load_eval_items(eval_data):

@@ -25,7 +25,7 @@ class CaptionedEmbeddings:
 
 
 def embed_captioned(model, items: list[CaptionedImage], cache_dir: str | Path | None = None, label: str = "set",
-                    batch_size: int = 64, workers: int = 0) -> CaptionedEmbeddings:
+                    batch_size: int = 64, workers: int = 0, device: str | None = None) -> CaptionedEmbeddings:
     """Every image and caption of ``items`` in ``model``'s shared space.
 
     Raw tower features go through ``cached_tower_features`` (keyed by the towers' weights,
@@ -33,10 +33,12 @@ def embed_captioned(model, items: list[CaptionedImage], cache_dir: str | Path | 
     """
     import torch
 
+    from ..encoders.base import auto_device
     from ..evaluate import caption_owners, project
     from ..train.pipeline import all_captions, cached_tower_features, tower_fingerprint
 
-    device = torch.device("cpu")
+    device = torch.device(device) if device else auto_device()
+    model.to(device)
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)

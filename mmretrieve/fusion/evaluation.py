@@ -6,9 +6,12 @@ answers the same question and the strategies can be read against both baselines.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .embeddings import CaptionedEmbeddings
 from .strategies import FusionStrategy
 from .training import caption_table
@@ -63,3 +66,45 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     lines = ["| items ranked by | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| {name} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |" for name, row in table.items()]
     return "\n".join(lines)
+
+
+def strategies_for(embedder, weights=None, fusion_bundles: Sequence[str | Path] = ()) -> tuple[dict, list[str]]:
+    """Every registered strategy that can run on ``embedder``'s model: the untrained ones with
+    ``weights``, the trained ones whose head is given or stored in the model. Returns
+    (strategies by name, one note per trained strategy left out for want of a head)."""
+    from . import list_fusion_strategies
+    from .resolve import fusion_spec, resolve_fusion
+    from .store import read_fusion_info
+
+    given: dict[str, Path] = {}
+    for folder in fusion_bundles:
+        name = fusion_spec(read_fusion_info(folder)["strategy"]).name
+        if name in given:
+            raise InputError(f"two fusion bundles for {name} ({given[name]} and {folder}); give one per strategy")
+        given[name] = Path(folder)
+    strategies, skipped = {}, []
+    for name in sorted(list_fusion_strategies(), key=lambda n: (fusion_spec(n).trainable, n)):  # untrained first
+        spec = fusion_spec(name)
+        if not spec.trainable:
+            strategies[name] = resolve_fusion(embedder, name, weights)
+            continue
+        try:
+            strategies[name] = resolve_fusion(embedder, name, None, given.get(name))
+        except ConfigError as exc:
+            if name in given:
+                raise
+            skipped.append(str(exc))
+    return strategies, skipped
+
+
+def evaluate_fused_items(embedder, items, weights=None, fusion_bundles: Sequence[str | Path] = (),
+                         batch_size: int = 64, workers: int = 0, progress: bool = True):
+    """The fused-item table (image-only, text-only, each strategy) of a captioned set, through any
+    runtime's embedder; returns (table, skipped notes)."""
+    from ..evaluate import caption_owners, embed_with_embedder
+    from .embeddings import CaptionedEmbeddings
+
+    strategies, skipped = strategies_for(embedder, weights, fusion_bundles)  # refuse bad settings before embedding
+    images, texts = embed_with_embedder(embedder, items, batch_size, workers, progress)
+    table = evaluate_fusion(CaptionedEmbeddings(images, texts, caption_owners(items)), strategies)
+    return table, skipped

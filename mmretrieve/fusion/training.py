@@ -9,7 +9,10 @@ an image-plus-caption item findable by another description of the same photo.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,3 +88,53 @@ def train_fusion(strategy: LearnedFusion, embeddings: CaptionedEmbeddings,
     head.eval()
     temperature = 1.0 / float(logit_scale.detach().exp().clamp(max=config.max_logit_scale))
     return {"steps": steps, "final_loss": loss, "temperature": temperature, "images": int(len(usable))}
+
+
+def default_heads_folder(model_ref: str) -> Path | None:
+    """Where heads for ``model_ref`` go when no --out is given: inside a bundle folder the user named
+    (``BUNDLE/fusion``), never inside an installed package's registered model."""
+    from .store import FUSION_FOLDER
+
+    folder = Path(model_ref).expanduser()
+    return folder / FUSION_FOLDER if (folder / "manifest.json").is_file() else None
+
+
+def train_fusion_heads(model_ref: str, data: str | Path, strategies: list[str] | None = None,
+                       out: str | Path | None = None, config: FusionTrainConfig | None = None,
+                       cache_dir: str | Path | None = None, workers: int = 0,
+                       device: str | None = None) -> list[dict[str, Any]]:
+    """Train each trainable strategy (default: all registered) on a captioned set and save it as a
+    fusion bundle under ``out/<strategy>`` (default: inside the model bundle). Returns one report
+    per head."""
+    from ..bundle import load_bundle
+    from ..data import load_captions
+    from . import create_fusion, list_fusion_strategies
+    from .embeddings import embed_captioned
+    from .resolve import fusion_spec
+    from .store import read_fusion_info, save_fusion
+
+    out = Path(out) if out is not None else default_heads_folder(str(model_ref))
+    if out is None:
+        raise InputError(f"{model_ref} is not a model bundle folder to store the heads in; give --out DIR")
+    names = strategies or [n for n in list_fusion_strategies() if fusion_spec(n).trainable]
+    for name in names:
+        if not fusion_spec(name).trainable:
+            raise InputError(f"{name} has nothing to train; train-fusion trains "
+                             f"{', '.join(n for n in list_fusion_strategies() if fusion_spec(n).trainable)}")
+    config = config or FusionTrainConfig()
+    model = load_bundle(model_ref)
+    captioned = load_captions(data, check_images=False)
+    embeddings = embed_captioned(model, captioned.items, cache_dir, Path(data).resolve().parent.name,
+                                 workers=workers, device=device)
+    reports = []
+    for name in names:
+        canonical = fusion_spec(name).name
+        strategy = create_fusion(canonical, dim=model.embed_dim)
+        started = time.perf_counter()
+        summary = train_fusion(strategy, embeddings, config)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        folder = save_fusion(strategy, out / canonical, model.bundle.fingerprint,
+                             training={**summary, "data": str(Path(data).resolve()), "config": asdict(config)})
+        parity = read_fusion_info(folder)["onnx_parity"]["min_cosine"]
+        reports.append({"strategy": canonical, "folder": str(folder), **summary, "onnx_min_cosine": parity})
+    return reports

@@ -4,6 +4,9 @@ New and changed files are decoded in worker processes and embedded in batches; e
 staged durably, so a killed run resumes from where it stopped. Publishing a generation
 (every ``commit_every`` items and at the end) updates the FAISS index and the metadata in one
 atomic step; vanished files are removed at the end of a run.
+
+With a fusion strategy each image is indexed as one item made of the image and its caption
+(its first caption, or its title), fused into one vector; a changed caption re-embeds its item.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class IndexReport:
     unchanged: int = 0
     touched: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
+    uncaptioned: int = 0  # fused index: images embedded without a caption (indexed by the image alone)
     total: int = 0
     generation: int = 0
     index_type: str = ""
@@ -51,13 +55,29 @@ def _check_model(store: IndexStore, embedder, rebuild: bool) -> None:
         )
 
 
-def open_or_create(index_dir: Path, embedder, modality: str, index_type: str, rebuild: bool) -> IndexStore:
+def _check_fusion(store: IndexStore, fusion: dict | None, rebuild: bool) -> None:
+    from ..fusion.items import fusion_label
+
+    built_with = store.manifest.get("fusion") or None
+    if built_with != fusion and not rebuild:
+        raise InputError(f"{store.folder} holds {fusion_label(built_with)}, not {fusion_label(fusion)}; index with the "
+                         f"same fusion settings, or pass --rebuild to re-embed everything")
+
+
+def open_or_create(index_dir: Path, embedder, modality: str, index_type: str, rebuild: bool,
+                   fusion=None, captions_source: str | None = None) -> IndexStore:
+    """``fusion``: the strategy fusing each image with its caption (None: images alone)."""
+    from ..fusion.items import extra_dims
+    from ..fusion.resolve import describe_fusion
+
+    described = describe_fusion(fusion) if fusion is not None else None
     if (index_dir / MANIFEST).is_file():
         store = IndexStore.open(index_dir)
         if store.manifest.get("modality") != modality:
             raise InputError(f"{index_dir} indexes {store.manifest.get('modality')}s, not {modality}s; "
                              f"choose another --index-dir")
         _check_model(store, embedder, rebuild)
+        _check_fusion(store, described, rebuild)
         if rebuild:
             store.close()
             _clear(index_dir)
@@ -67,10 +87,13 @@ def open_or_create(index_dir: Path, embedder, modality: str, index_type: str, re
         "modality": modality,
         "model": {"ref": embedder.ref, "path": getattr(embedder, "path", embedder.ref),
                   "fingerprint": embedder.fingerprint},
-        "embed_dim": int(embedder.embed_dim),
+        "embed_dim": int(embedder.embed_dim) + extra_dims(fusion),
+        "query_padding": extra_dims(fusion),  # stored coordinates beyond the model's, 0 in every query
         "metric": "inner_product",
         "normalized": True,
         "requested_index_type": index_type,
+        **({"fusion": described, "captions": captions_source, "fusion_bundle": getattr(fusion, "source", None)}
+           if fusion is not None else {}),
     })
 
 
@@ -118,25 +141,50 @@ def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | No
 def index_images(root: str | Path, index_dir: str | Path, embedder, include: tuple[str, ...] = (),
                  exclude: tuple[str, ...] = (), index_type: str = "auto", batch_size: int = 32,
                  workers: int = 1, commit_every: int = 5000, captions: dict[str, list[str]] | None = None,
-                 rebuild: bool = False, progress: bool = True, memory_budget: int | None = None) -> IndexReport:
+                 rebuild: bool = False, progress: bool = True, memory_budget: int | None = None,
+                 fusion=None, captions_source: str | None = None) -> IndexReport:
+    """``captions``: {resolved image path: captions}, stored with each item; ``fusion`` (a strategy
+    from ``mmretrieve.fusion.resolve``) makes every item the image fused with its first caption."""
     started = time.perf_counter()
     index_dir = Path(index_dir)
+    if fusion is not None and captions is None:
+        raise InputError("a fused index joins each image with its caption; give the captions (--captions FILE)")
     with WriterLock(index_dir):
-        store = open_or_create(index_dir, embedder, "image", index_type, rebuild)
+        store = open_or_create(index_dir, embedder, "image", index_type, rebuild, fusion, captions_source)
         try:
             return _index_images(store, Path(root), embedder, include, exclude, batch_size, workers, commit_every,
-                                 captions or {}, progress, memory_budget, started)
+                                 captions, progress, memory_budget, started, fusion)
         finally:
             store.close()
 
 
+def _recaptioned(store: IndexStore, found: list[FileState], plan, captions: dict[str, list[str]],
+                 fused: bool) -> list[FileState]:
+    """Indexed files whose captions changed: a fused item is re-embedded (returned), a plain one
+    only has its metadata updated."""
+    embedding = {s.path for s in plan.to_embed}
+    stored = store.captions_by_path()
+    changed = [s for s in found if s.path not in embedding and s.path in stored
+               and (captions.get(s.path) or None) != stored[s.path]]
+    if fused:
+        first = lambda caps: caps[0] if caps else None  # noqa: E731 - only the first caption is fused
+        return [s for s in changed if first(captions.get(s.path)) != first(stored[s.path])]
+    store.set_captions([(captions.get(s.path) or None, s.path) for s in changed])
+    return []
+
+
 def _index_images(store: IndexStore, root: Path, embedder, include, exclude, batch_size, workers, commit_every,
-                  captions, progress, memory_budget, started) -> IndexReport:
+                  captions, progress, memory_budget, started, fusion=None) -> IndexReport:
     found = scan_files(root, include, exclude)
     if not found and not store.count():
         raise InputError(f"{root}: no image files to index (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     known = store.known_files()
     plan = plan_changes(found, known, scope=str(root.resolve()))
+    if captions is not None:
+        recaptioned = _recaptioned(store, found, plan, captions, fusion is not None)
+        plan.changed += recaptioned
+        plan.unchanged -= len([s for s in recaptioned if s.path not in {t.path for t, _ in plan.touched}])
+        plan.touched = [(s, h) for s, h in plan.touched if s not in recaptioned]
     if plan.touched:
         store.touch([(state.size, state.mtime_ns, state.path) for state, _ in plan.touched])
     # A file that failed before and has not changed since is not retried on every run.
@@ -150,8 +198,8 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
             todo.append(state)
     report = IndexReport(str(store.folder), unchanged=plan.unchanged, touched=len(plan.touched),
                          failed=still_failed)
-    embedded = _embed_files(store, todo, embedder, batch_size, workers, commit_every, captions, progress, report,
-                            memory_budget)
+    embedded = _embed_files(store, todo, embedder, batch_size, workers, commit_every, captions or {}, progress, report,
+                            memory_budget, fusion)
     failed = {f["path"] for f in report.failed}
     report.updated = sum(1 for s in todo if s.path in known and s.path not in failed)
     report.added = sum(1 for s in todo if s.path not in known and s.path not in failed)
@@ -173,7 +221,7 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
 
 def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size: int, workers: int,
                  commit_every: int, captions: dict[str, list[str]], progress: bool, report: IndexReport,
-                 memory_budget: int | None) -> int:
+                 memory_budget: int | None, fusion=None) -> int:
     states = {s.path: s for s in todo}
     batch: list[tuple[Item, np.ndarray]] = []
     failures: list[tuple[str, int, int, str]] = []
@@ -183,6 +231,11 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
         nonlocal batch, since_publish, embedded
         if batch:
             vectors = embedder.embed_pixels(np.stack([pixels for _, pixels in batch]))
+            if fusion is not None:
+                from ..fusion.items import fuse_with_captions
+
+                vectors, uncaptioned = fuse_with_captions(fusion, embedder, vectors, [item.captions for item, _ in batch])
+                report.uncaptioned += uncaptioned
             store.stage([item for item, _ in batch], vectors)
             since_publish += len(batch)
             embedded += len(batch)

@@ -87,7 +87,11 @@ class IndexReader:
     def search_vectors(self, queries: np.ndarray, k: int = 10, min_score: float | None = None) -> list[list[Hit]]:
         if k < 1:
             raise InputError("k must be at least 1")
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.asarray(queries, dtype=np.float32)
+        padding = int(self.manifest.get("query_padding", 0))  # late-fused items carry extra coordinates
+        if padding:
+            queries = np.concatenate([queries, np.zeros((len(queries), padding), np.float32)], axis=1)
+        scores, ids = self.index.search(np.ascontiguousarray(queries), k)
         items = self.store.items_by_id(i for i in ids.ravel() if i >= 0)
         results = []
         for row_scores, row_ids in zip(scores, ids):

@@ -121,6 +121,14 @@ class IndexStore:
         known.update({p: (s, m, h) for p, s, m, h in self.db.execute("SELECT path, size, mtime_ns, sha256 FROM staged")})
         return known
 
+    def captions_by_path(self) -> dict[str, list[str] | None]:
+        """Published and staged items' captions (staged wins, as in ``known_files``)."""
+        stored: dict[str, list[str] | None] = {}
+        for table in ("items", "staged"):
+            for path, captions in self.db.execute(f"SELECT path, captions FROM {table}"):
+                stored[path] = json.loads(captions) if captions else None
+        return stored
+
     def failed_files(self) -> dict[str, tuple[int, int, str]]:
         return {p: (s, m, r) for p, s, m, r in self.db.execute("SELECT path, size, mtime_ns, reason FROM failures")}
 
@@ -184,6 +192,13 @@ class IndexStore:
         """Same content, new mtime: (size, mtime_ns, path)."""
         with self.db:
             self.db.executemany("UPDATE items SET size = ?, mtime_ns = ? WHERE path = ?", updates)
+
+    def set_captions(self, updates: list[tuple[list[str] | None, str]]) -> None:
+        """New captions for indexed items whose vectors do not depend on them: (captions, path)."""
+        with self.db:
+            for table in ("items", "staged"):
+                self.db.executemany(f"UPDATE {table} SET captions = ? WHERE path = ?",
+                                    [(json.dumps(c) if c else None, p) for c, p in updates])
 
     def staged(self) -> tuple[np.ndarray, np.ndarray]:
         return self._embeddings("staged")

@@ -113,6 +113,7 @@ class OnnxEmbedder:
             raise ExportError(f"{folder} is a model bundle, not an ONNX export; run `mmretrieve export --model "
                               f"{folder} --out EXPORT_DIR` and use EXPORT_DIR as the model (or --runtime torch)")
         self.info = read_export_info(folder)
+        self.runtime = "onnx"
         self._ort = import_onnxruntime()
         self.ref = str(model_ref)
         self.path = str(folder.resolve())
@@ -134,11 +135,12 @@ class OnnxEmbedder:
 
     def session(self, tower: str):
         if tower not in self._sessions:
-            self._sessions[tower] = self._create_session(Path(self.path) / self.info.graph(tower)["file"])
+            self._sessions[tower] = self.create_session(Path(self.path) / self.info.graph(tower)["file"])
         return self._sessions[tower]
 
-    def _create_session(self, path: Path):
-        """A session on the first provider in line that starts; CPU is last and always there."""
+    def create_session(self, path: Path):
+        """A session on the first provider in line that starts; CPU is last and always there (also
+        used for the export's fusion heads, so they run where the towers run)."""
         def create(providers):
             # enable_fallback=0: onnxruntime's own fallback prints to stdout, which carries results
             return self._ort.InferenceSession(str(path), self._options, providers=[name for name, _ in providers],

@@ -12,6 +12,7 @@ from ..encoders.base import auto_device
 class TorchEmbedder:
     def __init__(self, model_ref: str, device: str | None = None):
         self.ref = str(model_ref)
+        self.runtime = "torch"
         self.model = load_bundle(model_ref)
         self.device = torch.device(device) if device else auto_device()
         self.model.to(self.device).eval()
