@@ -227,3 +227,23 @@ def test_late_fused_items_score_exactly_the_weighted_similarities(captioned, tmp
         if hit["path"] in first_caption:
             expected += 0.25 * float(embedder.embed_texts([first_caption[hit["path"]]])[0] @ query)
         assert hit["score"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_fused_index_remembers_the_captions_file_it_was_last_given(captioned, tmp_path):
+    bundle, data = captioned
+    folder = tmp_path / "fused"
+    run(*index_args(bundle, data, "--fusion", "mean", "--index-dir", folder))
+    renamed = data.parent / "titles.jsonl"  # beside the images its relative paths name
+    record, *rest = data.read_text().splitlines()
+    changed = json.loads(record)
+    changed["captions"] = ["a title that changed"]
+    renamed.write_text("\n".join([json.dumps(changed), *rest]) + "\n")
+    data.unlink()
+    gone = run("index", data.parent / "images", "--index-dir", folder, "--workers", "0", ok=False)
+    assert gone.exit_code == 1 and "which is gone; give --captions FILE" in gone.output
+    moved = json.loads(run("index", data.parent / "images", "--captions", renamed, "--index-dir", folder,
+                           "--workers", "0", "--json").stdout)
+    assert moved["updated"] == 1
+    assert json.loads((folder / "manifest.json").read_text())["captions"] == str(renamed.resolve())
+    again = json.loads(run("index", data.parent / "images", "--index-dir", folder, "--workers", "0", "--json").stdout)
+    assert (again["updated"], again["unchanged"]) == (0, 21)

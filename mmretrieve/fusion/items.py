@@ -50,7 +50,7 @@ def fuse_with_captions(strategy: FusionStrategy, embedder, image_vectors: np.nda
     if rows:
         texts = embedder.embed_texts([captions[n][0] for n in rows])
         vectors[rows] = fuse_items(strategy, np.asarray(texts, dtype=np.float32), vectors[rows])
-    alone = [n for n in range(len(vectors)) if n not in set(rows)]
+    alone = sorted(set(range(len(vectors))) - set(rows))
     if strategy.late:
         vectors[alone] *= np.float32(strategy.weights[1])
         vectors = complete_to_unit(vectors)

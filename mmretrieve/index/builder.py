@@ -78,6 +78,12 @@ def open_or_create(index_dir: Path, embedder, modality: str, index_type: str, re
                              f"choose another --index-dir")
         _check_model(store, embedder, rebuild)
         _check_fusion(store, described, rebuild)
+        if described and not rebuild:  # the captions file (and head folder) a later run reuses
+            sources = {"captions": captions_source or store.manifest.get("captions"),
+                       "fusion_bundle": getattr(fusion, "source", None) or store.manifest.get("fusion_bundle")}
+            if any(store.manifest.get(key) != value for key, value in sources.items()):
+                store.manifest.update(sources)
+                store.write_manifest()
         if rebuild:
             store.close()
             _clear(index_dir)

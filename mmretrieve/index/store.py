@@ -214,6 +214,9 @@ class IndexStore:
             self.db.execute("INSERT OR REPLACE INTO info VALUES ('generation', ?)", (str(generation),))
         self.manifest.update(manifest_updates, generation=generation, updated=_now(),
                              counts={"items": self.count(), "failures": self.count("failures")})
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
         write_text_atomic(self.folder / MANIFEST, json.dumps(self.manifest, indent=2))
 
 
