@@ -82,3 +82,26 @@ class BadModality:
 @hookimpl
 def register_encoders(register):
     register(EncoderSpec(name="entry-point-encoder", modality="image", factory=_fake_factory))
+
+
+class LouderModality:
+    """A third-party fusion strategy: keeps, per dimension, whichever modality is larger in magnitude."""
+
+    name = "louder"
+    trainable = False
+    late = False
+
+    def __init__(self, dim=None, weights=None):
+        pass
+
+    def fuse(self, text, image):
+        import numpy as np
+
+        fused = np.where(np.abs(text) >= np.abs(image), text, image)
+        return (fused / np.linalg.norm(fused, axis=1, keepdims=True)).astype(np.float32)
+
+
+class FusionPlugin:
+    @hookimpl
+    def register_fusion_strategies(self, register):
+        register(FusionSpec(name="louder", factory=LouderModality, description="per-dimension louder modality"))

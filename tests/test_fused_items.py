@@ -247,3 +247,24 @@ def test_a_fused_index_remembers_the_captions_file_it_was_last_given(captioned, 
     assert json.loads((folder / "manifest.json").read_text())["captions"] == str(renamed.resolve())
     again = json.loads(run("index", data.parent / "images", "--index-dir", folder, "--workers", "0", "--json").stdout)
     assert (again["updated"], again["unchanged"]) == (0, 21)
+
+
+def test_a_third_party_strategy_indexes_and_evaluates_like_a_builtin(captioned, tmp_path):
+    from mmretrieve.index.store import IndexStore
+    from mmretrieve.plugins import get_host
+    from mmretrieve.runtime import load_embedder
+    from plugin_fixtures import FusionPlugin, LouderModality
+
+    get_host().register(FusionPlugin(), name="louder-plugin")
+    bundle, data = captioned
+    table = json.loads(run("eval", "--fused", "--model", bundle, "--data", data, "--json", "--workers", "0").stdout)
+    assert "louder" in table and 0 <= table["louder"]["R@1"] <= table["louder"]["R@10"] <= 100
+    folder = tmp_path / "louder"
+    run(*index_args(bundle, data, "--fusion", "louder", "--index-dir", folder))
+    store = IndexStore.open(folder)
+    ids, vectors = store.all_embeddings()
+    item = store.items_by_id(ids[:1])[int(ids[0])]
+    store.close()
+    embedder = load_embedder(str(bundle))
+    expected = LouderModality().fuse(embedder.embed_texts([item.captions[0]]), embedder.embed_images([item.path]))
+    np.testing.assert_allclose(vectors[0], expected[0], atol=1e-5)

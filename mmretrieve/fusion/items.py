@@ -16,13 +16,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from .strategies import FusionStrategy, check_pair
 
 
 def fuse_items(strategy: FusionStrategy, text: np.ndarray, image: np.ndarray) -> np.ndarray:
     """One vector per (text, image) pair; late fusion's is the weighted sum (see the module doc)."""
     if strategy.late:
+        if getattr(strategy, "weights", None) is None:
+            raise ConfigError(f"{strategy.name} combines similarities its own way, which one vector per item or "
+                              f"query cannot hold; evaluate it with `mmretrieve eval --fused`")
         text, image = check_pair(text, image)
         return (strategy.weights[0] * text + strategy.weights[1] * image).astype(np.float32)
     return strategy.fuse(text, image)
