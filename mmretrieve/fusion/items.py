@@ -61,7 +61,7 @@ def fuse_with_captions(strategy: FusionStrategy, embedder, image_vectors: np.nda
 
 
 def fusion_label(description: dict[str, Any] | None) -> str:
-    """How an index's fusion reads in a message: 'images only' or 'items fused with mean (0.5, 0.5)'."""
+    """How an index's fusion reads in a message, e.g. 'items fused with mean (weights 0.5, 0.5)'."""
     if not description:
         return "images only (no fusion)"
     label = f"items fused with {description['strategy']}"
@@ -84,7 +84,9 @@ def item_fusion_settings(index_dir: str | Path, embedder, captions_file: str | P
 
     manifest = read_manifest(Path(index_dir)) if (Path(index_dir) / MANIFEST).is_file() else {}
     built_with = manifest.get("fusion")
-    if fusion is None and built_with and weights is None and fusion_bundle is None:
+    if fusion is None and (weights is not None or fusion_bundle is not None):
+        raise InputError("--weights and --fusion-bundle go with --fusion")
+    if fusion is None and built_with:
         fusion = built_with["strategy"]
         weights = built_with.get("weights")
         if built_with.get("head_digest"):  # the model's own head first, else the bundle that built the index
@@ -92,19 +94,20 @@ def item_fusion_settings(index_dir: str | Path, embedder, captions_file: str | P
 
             own = attached_heads(getattr(embedder, "path", embedder.ref))
             fusion_bundle = None if fusion in own else manifest.get("fusion_bundle")
-        if captions_file is None:
-            captions_file = manifest.get("captions")
-            if not captions_file or not Path(captions_file).exists():
-                raise InputError(f"{index_dir} fuses images with the captions of {captions_file}, which is gone; "
-                                 f"give --captions FILE")
-    elif fusion is None and (weights is not None or fusion_bundle is not None):
-        raise InputError("--weights and --fusion-bundle go with --fusion")
+    if built_with and captions_file is None:
+        captions_file = manifest.get("captions")
+        if not captions_file or not Path(captions_file).exists():
+            raise InputError(f"{index_dir} fuses images with the captions of {captions_file}, which is gone; "
+                             f"give --captions FILE")
     strategy = None
     if fusion is not None:
         if captions_file is None:
             raise InputError(f"--fusion {fusion} joins each image with its caption; give --captions FILE "
                              f"(JSONL, CSV, COCO JSON or .txt sidecars)")
         strategy = resolve_fusion(embedder, fusion, weights, fusion_bundle)
+        if strategy.late and getattr(strategy, "weights", None) is None:
+            raise ConfigError(f"{strategy.name} combines similarities its own way, which one vector per item "
+                              f"cannot hold; index with mean or another strategy")
     captions = None
     if captions_file is not None:
         from ..data import load_captions
