@@ -119,9 +119,12 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
     """Describe a model bundle: towers, dimensions, fingerprint, versions."""
     from .bundle import read_bundle_info
 
+    from .fusion.store import attached_heads, read_fusion_info
+
     bundle = read_bundle_info(model_ref, verify=verify)
+    heads = {name: read_fusion_info(folder) for name, folder in attached_heads(bundle.path).items()}
     if as_json:
-        echo_json({"path": str(bundle.path), "manifest": bundle.manifest, "model": bundle.model})
+        echo_json({"path": str(bundle.path), "manifest": bundle.manifest, "model": bundle.model, "fusion_heads": heads})
         return
     manifest, config = bundle.manifest, bundle.model["config"]
     click.echo(f"bundle:       {bundle.path}")
@@ -135,8 +138,13 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
     stored = manifest.get("stored_parameters", manifest["parameters"])
     click.echo(f"parameters:   {manifest['parameters']:,}" +
                (f" ({stored:,} stored in the bundle)" if stored != manifest["parameters"] else ""))
+    for name, head in heads.items():
+        trained = head.get("training", {})
+        click.echo(f"fusion head:  {name} ({head['dim']}-d, {trained.get('steps', '?')} steps on "
+                   f"{trained.get('images', '?')} images; head {str(head.get('head_digest'))[:12]})")
     if verify:
-        click.echo(f"verified:     {len(manifest['files'])} files match their hashes")
+        click.echo(f"verified:     {len(manifest['files'])} files match their hashes"
+                   + (f"; {len(heads)} fusion heads too" if heads else ""))
 
 
 @cli.command()

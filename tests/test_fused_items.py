@@ -44,6 +44,8 @@ def test_train_fusion_stores_heads_in_the_bundle_and_eval_fused_reports_every_st
     for name in ("concat-projection", "gated"):
         assert f"{name}: " in out and (bundle / "fusion" / name / "fusion.onnx").is_file()
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # image and text features, reused next time
+    described = run("info", bundle, "--verify").output
+    assert "fusion head:  gated (" in described and "2 fusion heads too" in described
 
     table = json.loads(run("eval", "--fused", "--model", bundle, "--data", data, "--json", "--workers", "0").stdout)
     assert list(table) == ["image-only", "text-only", *STRATEGIES]
