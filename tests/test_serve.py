@@ -129,6 +129,39 @@ def test_image_upload_finds_the_same_image_first(client, library):
     assert raw.status_code == 200 and raw.json()["results"][0]["path"] == top["path"]
 
 
+def test_an_image_refined_by_words_is_one_fused_query(client, library):
+    path = library["photos"] / "holiday" / "wide.png"
+    by_image = upload(client, path.read_bytes(), k=50).json()["results"]
+    by_text = search(client, "a blue car", k=50)["results"]
+    # Late fusion scores each image by the weighted sum of its two similarities (weights text,image).
+    fused = upload(client, path.read_bytes(), k=50, text="a blue car", fusion="late", weights="1,3")
+    assert fused.status_code == 200, fused.text
+    body = fused.json()
+    assert body["text"] == "a blue car" and body["fusion"] == "late" and len(body["results"]) == len(by_image)
+    image_scores = {h["path"]: h["score"] for h in by_image}
+    text_scores = {h["path"]: h["score"] for h in by_text}
+    for hit in body["results"]:
+        assert hit["score"] == pytest.approx(0.25 * text_scores[hit["path"]] + 0.75 * image_scores[hit["path"]],
+                                             abs=2e-4)
+    mean = upload(client, path.read_bytes(), k=3, text="a blue car").json()
+    assert mean["fusion"] == "mean" and len(mean["results"]) == 3
+    assert metric(client, "mmretrieve_searches_total", query="fused", index="images") >= 2
+
+
+@pytest.mark.parametrize("params, status, message", [
+    ({"text": "  "}, 422, "must not be empty"),
+    ({"text": "x" * 1001}, 422, "longer than 1000"),
+    ({"fusion": "mean"}, 422, "add text="),
+    ({"text": "at night", "fusion": "meen"}, 400, "meen"),
+    ({"text": "at night", "weights": "1,-1"}, 400, "must not be negative"),
+    ({"text": "at night", "fusion": "gated"}, 400, "has no gated head"),
+])
+def test_bad_multimodal_queries_get_4xx_with_one_sentence(client, library, params, status, message):
+    path = library["photos"] / "holiday" / "wide.png"
+    response = upload(client, path.read_bytes(), **params)
+    assert response.status_code == status and message in response.json()["error"], response.text
+
+
 def test_image_to_text_and_text_to_text_use_the_caption_index(client, library):
     red = next((library["photos"] / "colours" / "images").glob("red*"))
     hits = upload(client, red.read_bytes(), k=3, index="texts").json()["results"]

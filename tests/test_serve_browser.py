@@ -152,6 +152,16 @@ def test_uploading_an_image_searches_by_it(server, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "image-search.png"))
 
 
+def test_words_in_the_box_refine_an_uploaded_image(server, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server["url"] + "/")
+    browser.find_element(By.ID, "q").send_keys("a red ball")
+    browser.find_element(By.ID, "upload").send_keys(str(server["photos"] / "noise.jpg"))
+    wait_for_thumbnails(browser, 1)
+    assert "this image + “a red ball”" in browser.find_element(By.ID, "status").text
+
+
 def test_a_server_error_message_is_shown_not_thrown(server, browser):
     from selenium.webdriver.common.by import By
 

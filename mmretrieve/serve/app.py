@@ -2,7 +2,8 @@
 
     GET  /                     the search page (static/; no external resources)
     GET  /api/search?q=&k=     text -> images (index=texts: text -> captions)
-    POST /api/search/image     image upload -> images (index=texts: image -> captions)
+    POST /api/search/image     image upload -> images (index=texts: image -> captions);
+                               with text=..., the image refined by those words (fusion=, weights=)
     GET  /file/{id}            the original image, if it may be served (files.py)
     GET  /thumb/{id}           its thumbnail, made once and cached (thumbnails.py)
     GET  /health, /healthz     liveness and what is loaded; 503 when searches cannot be answered
@@ -161,26 +162,43 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Text query: the images (or, with index=texts, the captions) closest to `q`."""
         target, started = target_of(index), time.perf_counter()
         check_k(k)
-        if q is None or not q.strip():
-            raise RequestProblem(422, "the query q must not be empty")
-        if len(q) > config.max_query_chars:
+        q = check_text(q, "q")
+        hits = await engine.search_text(q, target, k, min_score)
+        return await results(request, hits, target, started, query=q)
+
+    def check_text(value: str | None, name: str) -> str:
+        if value is None or not value.strip():
+            raise RequestProblem(422, f"the query {name} must not be empty")
+        if len(value) > config.max_query_chars:
             raise RequestProblem(422, f"the query is longer than {config.max_query_chars} characters")
-        hits = await engine.search_text(q.strip(), target, k, min_score)
-        return await results(request, hits, target, started, query=q.strip())
+        return value.strip()
 
     @app.post("/api/search/image", dependencies=keyed, openapi_extra=UPLOAD_SCHEMA)
-    async def search_image(request: Request, k: int = 10, min_score: float | None = None, index: str = IMAGES):
-        """Image query (multipart field `image`, or the raw body): the closest images or captions."""
+    async def search_image(request: Request, k: int = 10, min_score: float | None = None, index: str = IMAGES,
+                           text: str | None = None, fusion: str | None = None, weights: str | None = None):
+        """Image query (multipart field `image`, or the raw body): the closest images or captions.
+        With `text`, the image and the words are fused into one query (`fusion`, default mean;
+        `weights` text,image for late and mean)."""
         target, started = target_of(index), time.perf_counter()
         check_k(k)
+        strategy = None
+        if text is not None:
+            text = check_text(text, "text")
+            # Resolved (and cached) off the event loop: a trained head is read from disk once.
+            strategy = await anyio.to_thread.run_sync(engine.fusion, fusion or "mean", weights)
+        elif fusion is not None or weights is not None:
+            raise RequestProblem(422, "fusion and weights refine an image with words; add text=...")
         data, name = await read_upload(request, config.max_upload_bytes)
 
         def prepare():
             return engine.image_preprocessor.transform(decode_upload(data, name, config.max_pixels))
 
         pixels = await anyio.to_thread.run_sync(prepare, limiter=decode_slots)
-        hits = await engine.search_pixels(pixels, target, k, min_score)
-        return await results(request, hits, target, started, upload=name)
+        if strategy is None:
+            hits = await engine.search_pixels(pixels, target, k, min_score)
+            return await results(request, hits, target, started, upload=name)
+        hits = await engine.search_fused(pixels, text, strategy, target, k, min_score)
+        return await results(request, hits, target, started, upload=name, text=text, fusion=strategy.name)
 
     async def results(request: Request, hits: list, target: str, started: float, **about) -> dict:
         prefix = request.scope.get("root_path", "").rstrip("/")

@@ -45,8 +45,8 @@ class EngineBusy(EngineUnavailable):
 
 @dataclass
 class _Query:
-    kind: str  # "text" or "pixels"
-    payload: Any  # the text, or a preprocessed (3, H, W) float32 array
+    kind: str  # "text", "pixels" or "fused"
+    payload: Any  # the text, a preprocessed (3, H, W) float32 array, or (pixels, text, fusion strategy)
     target: str  # IMAGES or TEXTS
     k: int
     min_score: float | None
@@ -73,6 +73,8 @@ class SearchEngine:
         self.on_reopen: Callable[[str], None] | None = None  # told when an index's database was replaced
         self._identity: dict[str, tuple[int, int] | None] = {}  # (device, inode) of each items.sqlite
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._fusions: dict[tuple[str, str | None], Any] = {}
+        self._fusion_lock = threading.Lock()
         self._last_check = 0.0
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="mmretrieve-search", daemon=True)
@@ -85,6 +87,22 @@ class SearchEngine:
 
     async def search_pixels(self, pixels: np.ndarray, target: str, k: int, min_score: float | None = None) -> list:
         return await self._ask(_Query("pixels", pixels, target, k, min_score))
+
+    async def search_fused(self, pixels: np.ndarray, text: str, strategy, target: str, k: int,
+                           min_score: float | None = None) -> list:
+        """An image refined by words, fused into one query by ``strategy`` (from ``fusion``)."""
+        return await self._ask(_Query("fused", (pixels, text, strategy), target, k, min_score))
+
+    def fusion(self, name: str, weights: str | None = None):
+        """The fusion strategy for multimodal queries, resolved once per (name, weights) for the
+        served model (a trained one uses the head stored in the model)."""
+        from ..fusion.resolve import resolve_fusion
+
+        key = (name, weights)
+        with self._fusion_lock:
+            if key not in self._fusions:
+                self._fusions[key] = resolve_fusion(self.embedder, name, weights)
+            return self._fusions[key]
 
     async def call(self, fn: Callable[[dict], Any]) -> Any:
         """Run ``fn(readers)`` on the worker thread (the readers' SQLite connections live there)."""
@@ -248,10 +266,22 @@ class SearchEngine:
         vectors = np.empty((len(jobs), int(self.embedder.embed_dim)), dtype=np.float32)
         texts = [i for i, job in enumerate(jobs) if job.kind == "text"]
         images = [i for i, job in enumerate(jobs) if job.kind == "pixels"]
+        fused = [i for i, job in enumerate(jobs) if job.kind == "fused"]
+        # A fused query's text and image join the batch's texts and images: one call per tower.
+        text_inputs = [jobs[i].payload for i in texts] + [jobs[i].payload[1] for i in fused]
+        pixel_inputs = [jobs[i].payload for i in images] + [jobs[i].payload[0] for i in fused]
+        text_vectors = self.embedder.embed_texts(text_inputs) if text_inputs else None
+        pixel_vectors = self.embedder.embed_pixels(np.stack(pixel_inputs)) if pixel_inputs else None
         if texts:
-            vectors[texts] = self.embedder.embed_texts([jobs[i].payload for i in texts])
+            vectors[texts] = text_vectors[:len(texts)]
         if images:
-            vectors[images] = self.embedder.embed_pixels(np.stack([jobs[i].payload for i in images]))
+            vectors[images] = pixel_vectors[:len(images)]
+        if fused:
+            from ..fusion.items import fuse_items
+
+            for n, i in enumerate(fused):
+                pair = text_vectors[len(texts) + n][None], pixel_vectors[len(images) + n][None]
+                vectors[i] = fuse_items(jobs[i].payload[2], *pair)[0]
         embedded = time.perf_counter()
         # One search at the largest k; each request keeps its own prefix (scores are sorted).
         hits = self.readers[target].search_vectors(vectors, k=max(job.k for job in jobs))
@@ -260,7 +290,7 @@ class SearchEngine:
         self.metrics.stage_seconds.observe(embedded - started, "embed")
         self.metrics.stage_seconds.observe(done - embedded, "search")
         for job in jobs:
-            self.metrics.searches.inc("text" if job.kind == "text" else "image", target)
+            self.metrics.searches.inc({"pixels": "image"}.get(job.kind, job.kind), target)
         return [[hit for hit in row[:job.k] if job.min_score is None or hit.score >= job.min_score]
                 for job, row in zip(jobs, hits)]
 

@@ -105,8 +105,12 @@ function searchImage(file) {
   const form = new FormData();
   form.append("image", file);
   const params = new URLSearchParams({ k: $("k").value, index: $("index").value });
+  // Words in the box refine the image ("like this, but at night"): one fused query.
+  const words = $("q").value.trim();
+  if (words) params.set("text", words);
   const preview = URL.createObjectURL(file);
-  run(() => fetch(`api/search/image?${params}`, { method: "POST", body: form }), "this image", preview);
+  const label = words ? `this image + “${words}”` : "this image";
+  run(() => fetch(`api/search/image?${params}`, { method: "POST", body: form }), label, preview);
 }
 
 function useKey(event) {
