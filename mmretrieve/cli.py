@@ -116,13 +116,20 @@ def embed(encoder_name, model_ref, texts, texts_file, images, out, rows_format, 
 @click.option("--verify", is_flag=True, help="Re-hash every file against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(model_ref: str, verify: bool, as_json: bool) -> None:
-    """Describe a model bundle: towers, dimensions, fingerprint, versions."""
+    """Describe a model bundle, an ONNX export or an index folder: what it holds and how it was made."""
     from .bundle import read_bundle_info
+    from .describe import describe_export, describe_index, fusion_head_lines, kind_of
 
-    from .fusion.store import attached_heads, read_fusion_info
-
+    kind = kind_of(model_ref)
+    if kind != "bundle":
+        payload, lines = describe_export(model_ref, verify) if kind == "export" else describe_index(model_ref)
+        if as_json:
+            echo_json(payload)
+        else:
+            click.echo("\n".join(lines))
+        return
     bundle = read_bundle_info(model_ref, verify=verify)
-    heads = {name: read_fusion_info(folder) for name, folder in attached_heads(bundle.path).items()}
+    heads, head_lines = fusion_head_lines(bundle.path)
     if as_json:
         echo_json({"path": str(bundle.path), "manifest": bundle.manifest, "model": bundle.model, "fusion_heads": heads})
         return
@@ -138,10 +145,8 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
     stored = manifest.get("stored_parameters", manifest["parameters"])
     click.echo(f"parameters:   {manifest['parameters']:,}" +
                (f" ({stored:,} stored in the bundle)" if stored != manifest["parameters"] else ""))
-    for name, head in heads.items():
-        trained = head.get("training", {})
-        click.echo(f"fusion head:  {name} ({head['dim']}-d, {trained.get('steps', '?')} steps on "
-                   f"{trained.get('images', '?')} images; head {str(head.get('head_digest'))[:12]})")
+    for line in head_lines:
+        click.echo(line)
     if verify:
         click.echo(f"verified:     {len(manifest['files'])} files match their hashes"
                    + (f"; {len(heads)} fusion heads too" if heads else ""))

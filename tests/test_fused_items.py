@@ -182,8 +182,11 @@ def test_a_trained_head_indexes_and_searches_the_same_under_torch_and_its_onnx_e
     exported = run("export", "--model", bundle, "--out", export).output
     assert "fusion head gated: ONNX vs PyTorch min cosine" in exported
     assert (export / "fusion" / "gated" / "fusion.onnx").is_file()
+    described = run("info", export, "--verify").output
+    assert "fusion head:  gated (" in described and "precision: fp32" in described and "files match" in described
     folder = tmp_path / "fused"
     run(*index_args(bundle, data, "--fusion", "gated", "--index-dir", folder))
+    assert "fusion:       items fused with gated (head " in run("info", folder).output
     query = ["search", "a blue thing", "--index-dir", folder, "--json", "-k", "5"]
     by_torch = json.loads(run(*query).stdout)
     by_onnx = json.loads(run(*query, "--model", export).stdout)
@@ -204,6 +207,9 @@ def test_a_trained_head_indexes_and_searches_the_same_under_torch_and_its_onnx_e
     fused_query = run("search", "--image", data.parent / "images" / "red_0.png", "--text", "at night", "--fusion",
                       "gated", "--index-dir", folder, "--json", "-k", "2").stdout
     assert len(json.loads(fused_query)) == 2
+    (export / "fusion" / "gated" / "fusion.onnx").write_bytes(b"damaged")
+    damaged = run("info", export, ok=False)
+    assert damaged.exit_code == 1 and "fusion.onnx is missing or does not match its recorded hash" in damaged.output
 
 
 def test_late_fused_items_score_exactly_the_weighted_similarities(captioned, tmp_path):
