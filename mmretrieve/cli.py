@@ -296,8 +296,8 @@ def train_fusion(model_ref, data, strategies, out, epochs, batch_size, lr, seed,
 
     Each step fuses an image with one of its captions and contrasts the item with another caption
     of the same image. Heads are saved as fusion bundles (PyTorch weights and a parity-checked
-    ONNX graph); stored in a model bundle, `index --fusion`, `search --fusion`, `eval --fused`
-    and `export` find them there.
+    ONNX graph), by default inside the model bundle, where `index --fusion`, `search --fusion`,
+    `eval --fused` and `export` find them.
     """
     from .fusion.training import FusionTrainConfig, train_fusion_heads
 

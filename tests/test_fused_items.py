@@ -276,3 +276,34 @@ def test_a_third_party_strategy_indexes_and_evaluates_like_a_builtin(captioned, 
     embedder = load_embedder(str(bundle))
     expected = LouderModality().fuse(embedder.embed_texts([item.captions[0]]), embedder.embed_images([item.path]))
     np.testing.assert_allclose(vectors[0], expected[0], atol=1e-5)
+
+
+def test_a_killed_fused_run_resumes_and_keeps_what_it_staged(captioned, tmp_path, monkeypatch):
+    import mmretrieve.api as mm
+    from mmretrieve.index.search import IndexReader
+    from mmretrieve.runtime import load_embedder
+
+    bundle, data = captioned
+    folder = tmp_path / "fused"
+    embedder = load_embedder(str(bundle))
+    original = embedder.embed_pixels
+    calls = {"n": 0}
+
+    def dies_on_third_batch(pixels):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(pixels)
+
+    monkeypatch.setattr("mmretrieve.runtime.load_embedder", lambda *a, **k: embedder)
+    monkeypatch.setattr(embedder, "embed_pixels", dies_on_third_batch)
+    options = dict(index_dir=folder, captions=data, fusion="mean", workers=0, batch_size=4, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        mm.build_index(data.parent / "images", str(bundle), **options)
+    embedded = []
+    monkeypatch.setattr(embedder, "embed_pixels", lambda p: embedded.append(len(p)) or original(p))
+    index = mm.build_index(data.parent / "images", str(bundle), **options)
+    assert len(index) == 21 and sum(embedded) == 21 - 8  # the two batches staged before the kill were kept
+    reader = IndexReader(folder, embedder=embedder)
+    assert json.loads((folder / "manifest.json").read_text())["fusion"]["strategy"] == "mean"
+    assert len(reader.search_text(["a red thing"], k=30)[0]) == 21
