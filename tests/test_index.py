@@ -33,6 +33,16 @@ def embedder(bundle):
     return TorchEmbedder(str(bundle), device="cpu")
 
 
+def test_torch_runtime_texts_sorted_by_length_embed_as_one_by_one(embedder):
+    import numpy as np
+
+    texts = [" ".join(["word"] * (1 + (7 * i) % 23)) + f" {i}" for i in range(40)]  # lengths 2..24, shuffled
+    together = embedder.embed_texts(texts)
+    alone = np.concatenate([embedder.embed_texts([t]) for t in texts])
+    assert together.shape == (40, embedder.embed_dim)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
 def names(hits):
     return {os.path.basename(hit.path) for hit in hits}
 
