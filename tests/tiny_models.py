@@ -12,8 +12,9 @@ WORDS = (
 ).split()
 
 
-def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int = 2) -> Path:
-    """A 2-layer BERT with a word-level vocabulary, saved like a hub checkpoint."""
+def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
+    """A 2-layer BERT with a word-level vocabulary, saved like a hub checkpoint; ``seed`` fixes its
+    random weights, so tests see the same model whatever order they run in."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel
 
@@ -29,7 +30,11 @@ def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int =
     tokenizer.save(str(folder / "tokenizer.json"))
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=64)
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    import torch
+
+    with torch.random.fork_rng():  # the same weights whichever test creates it first
+        torch.manual_seed(seed)
+        BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder
 
 
