@@ -14,7 +14,10 @@ returns an embedder with this shape:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def choose_runtime(model_ref: str, runtime: str = "auto") -> str:
@@ -44,3 +47,19 @@ def load_embedder(model_ref: str, runtime: str = "auto", device: str | None = No
 
     registry = get_host().registry("runtime")
     return registry.get(choose_runtime(str(model_ref), runtime)).build(model_ref=model_ref, device=device)
+
+
+def embed_by_length(feeds: dict[str, np.ndarray], run: Callable[[dict[str, np.ndarray]], np.ndarray], dim: int,
+                    size: int) -> np.ndarray:
+    """Tokenised texts embedded in runs of ``size`` similar lengths, each run cut to its longest
+    text (tokenizers pad on the right), so no compute goes to padding; rows come back in order."""
+    import numpy as np
+
+    lengths = feeds["attention_mask"].sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    out = np.empty((len(lengths), dim), dtype=np.float32)
+    for start in range(0, len(order), size):
+        rows = order[start:start + size]
+        width = int(lengths[rows].max())
+        out[rows] = run({name: np.ascontiguousarray(array[rows, :width]) for name, array in feeds.items()})
+    return out

@@ -179,17 +179,12 @@ class OnnxEmbedder:
         return self._rows([self._embed_text_chunk(texts[start:start + CHUNK]) for start in range(0, len(texts), CHUNK)])
 
     def _embed_text_chunk(self, texts: list[str]) -> np.ndarray:
+        from . import embed_by_length
+
         feeds = self.text_preprocessor(texts)
         if not self.text_sub_batch or len(texts) <= self.text_sub_batch:
             return self._run("text", feeds)
-        lengths = feeds["attention_mask"].sum(axis=1)
-        order = np.argsort(lengths, kind="stable")
-        out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
-        for start in range(0, len(texts), self.text_sub_batch):
-            rows = order[start:start + self.text_sub_batch]
-            width = int(lengths[rows].max())  # the preprocessor pads on the right, so columns past it are padding
-            out[rows] = self._run("text", {name: array[rows, :width] for name, array in feeds.items()})
-        return out
+        return embed_by_length(feeds, lambda part: self._run("text", part), self.embed_dim, self.text_sub_batch)
 
     def embed_images(self, images: list) -> np.ndarray:
         if not images:

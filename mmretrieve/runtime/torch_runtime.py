@@ -32,22 +32,15 @@ class TorchEmbedder:
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
+        from . import embed_by_length
+
         feeds = self.text_preprocessor(texts)
         if len(texts) <= TEXT_SUB_BATCH:
             return self._encode_texts(feeds)
-        # As the onnx runtime does: runs of similar lengths, each cut to its longest, waste no
-        # compute on padding (the preprocessor pads on the right).
-        lengths = feeds["attention_mask"].sum(axis=1)
-        order = np.argsort(lengths, kind="stable")
-        out = np.empty((len(texts), self.embed_dim), dtype=np.float32)
-        for start in range(0, len(texts), TEXT_SUB_BATCH):
-            rows = order[start:start + TEXT_SUB_BATCH]
-            width = int(lengths[rows].max())
-            out[rows] = self._encode_texts({name: array[rows, :width] for name, array in feeds.items()})
-        return out
+        return embed_by_length(feeds, self._encode_texts, self.embed_dim, TEXT_SUB_BATCH)  # as the onnx runtime
 
     def _encode_texts(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
         return self.model.encode_text(inputs).float().cpu().numpy()
 
     def embed_images(self, images: list) -> np.ndarray:
