@@ -21,15 +21,6 @@ def kind_of(ref: str | Path) -> str:
     return "bundle"
 
 
-def verify_files(folder: Path, files: dict[str, str], what: str) -> int:
-    from .formats import sha256_file
-
-    for name, expected in files.items():
-        if not (folder / name).is_file() or sha256_file(folder / name) != expected:
-            raise BundleError(f"{folder}: {name} is missing or does not match its recorded hash; the {what} is damaged")
-    return len(files)
-
-
 def fusion_head_lines(folder: Path) -> tuple[dict[str, Any], list[str]]:
     from .fusion.store import attached_heads, read_fusion_info
 
@@ -57,7 +48,13 @@ def describe_export(ref: str | Path, verify: bool) -> tuple[dict[str, Any], list
               for tower, graph in m["towers"].items()]
     lines += head_lines
     if verify:
-        lines.append(f"verified:     {verify_files(info.path, m.get('files', {}), 'export')} files match their hashes")
+        from .formats import damaged_file
+
+        damaged = damaged_file(info.path, m.get("files", {}))
+        if damaged:
+            raise BundleError(f"{info.path}: {damaged} is missing or does not match its recorded hash; "
+                              f"the export is damaged")
+        lines.append(f"verified:     {len(m.get('files', {}))} files match their hashes")
     return {"path": str(info.path), "export": m, "fusion_heads": heads}, lines
 
 

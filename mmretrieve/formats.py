@@ -18,6 +18,15 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def damaged_file(folder: Path, files: dict[str, str]) -> str | None:
+    """The first of ``files`` ({name relative to ``folder``: SHA-256}) that is missing or whose
+    contents changed, or None when every one matches."""
+    for name, expected in files.items():
+        if not (folder / name).is_file() or sha256_file(folder / name) != expected:
+            return name
+    return None
+
+
 def check_format(manifest: dict[str, Any], folder: Path, expected: str, supported_version: int, noun: str,
                  error: type[Exception]) -> None:
     """Raise ``error`` unless ``manifest`` is of format ``expected`` at a version this code reads."""

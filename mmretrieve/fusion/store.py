@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BundleError
-from ..formats import check_format, sha256_file
+from ..formats import check_format, damaged_file, sha256_file
 from .strategies import LearnedFusion
 
 FORMAT = "mmretrieve-fusion"
@@ -87,9 +87,9 @@ def read_fusion_info(folder: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{folder}: unreadable fusion bundle metadata ({exc})") from None
     check_format(manifest, folder, FORMAT, FORMAT_VERSION, "fusion bundle", BundleError)
-    for name, expected in manifest["files"].items():
-        if not (folder / name).is_file() or sha256_file(folder / name) != expected:
-            raise BundleError(f"{folder}: {name} is missing or does not match its recorded hash")
+    damaged = damaged_file(folder, manifest["files"])
+    if damaged:
+        raise BundleError(f"{folder}: {damaged} is missing or does not match its recorded hash")
     return description
 
 
