@@ -10,15 +10,20 @@ from .errors import BundleError
 
 
 def kind_of(ref: str | Path) -> str:
+    """"export", "index" or "bundle" (also for anything else: the bundle reader explains what is wrong)."""
+    import json
+
     from .export.manifest import is_export
     from .index.store import FORMAT as INDEX_FORMAT, MANIFEST
 
     folder = Path(ref)
     if is_export(folder):
         return "export"
-    if (folder / MANIFEST).is_file() and f'"{INDEX_FORMAT}"' in (folder / MANIFEST).read_text()[:400]:
-        return "index"
-    return "bundle"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "bundle"
+    return "index" if isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT else "bundle"
 
 
 def fusion_head_lines(folder: Path) -> tuple[dict[str, Any], list[str]]:
