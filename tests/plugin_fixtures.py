@@ -105,3 +105,25 @@ class FusionPlugin:
     @hookimpl
     def register_fusion_strategies(self, register):
         register(FusionSpec(name="louder", factory=LouderModality, description="per-dimension louder modality"))
+
+
+class BestOfBoth:
+    """A third-party late strategy with no weights: an item scores its better modality's similarity."""
+
+    name = "best-of-both"
+    trainable = False
+    late = True
+
+    def __init__(self, dim=None, weights=None):
+        pass
+
+    def scores(self, queries, text, image):
+        import numpy as np
+
+        return np.maximum(queries @ text.T, queries @ image.T).astype(np.float32)
+
+
+class LatePlugin:
+    @hookimpl
+    def register_fusion_strategies(self, register):
+        register(FusionSpec(name="best-of-both", factory=BestOfBoth, description="max of the two similarities"))

@@ -307,3 +307,20 @@ def test_a_killed_fused_run_resumes_and_keeps_what_it_staged(captioned, tmp_path
     reader = IndexReader(folder, embedder=embedder)
     assert json.loads((folder / "manifest.json").read_text())["fusion"]["strategy"] == "mean"
     assert len(reader.search_text(["a red thing"], k=30)[0]) == 21
+
+
+def test_a_late_strategy_without_weights_is_evaluated_but_never_indexed_or_searched(captioned, tmp_path):
+    from mmretrieve.plugins import get_host
+    from plugin_fixtures import LatePlugin
+
+    get_host().register(LatePlugin(), name="late-plugin")
+    bundle, data = captioned
+    table = json.loads(run("eval", "--fused", "--model", bundle, "--data", data, "--json", "--workers", "0").stdout)
+    assert "best-of-both" in table
+    refused = run(*index_args(bundle, data, "--fusion", "best-of-both", "--index-dir", tmp_path / "idx"), ok=False)
+    assert refused.exit_code == 1 and "one vector per item or query cannot hold" in refused.output
+    assert not (tmp_path / "idx" / "manifest.json").exists()  # refused before the index was created
+    run(*index_args(bundle, data, "--index-dir", tmp_path / "plain"))
+    query = run("search", "--image", data.parent / "images" / "red_0.png", "--text", "at night", "--fusion",
+                "best-of-both", "--index-dir", tmp_path / "plain", ok=False)
+    assert query.exit_code == 1 and "one vector per item or query cannot hold" in query.output

@@ -162,6 +162,16 @@ def test_bad_multimodal_queries_get_4xx_with_one_sentence(client, library, param
     assert response.status_code == status and message in response.json()["error"], response.text
 
 
+def test_a_late_strategy_without_weights_is_refused_before_it_reaches_the_batch(client, library):
+    from mmretrieve.plugins import get_host
+    from plugin_fixtures import LatePlugin
+
+    get_host().register(LatePlugin(), name="late-plugin")
+    path = library["photos"] / "holiday" / "wide.png"
+    response = upload(client, path.read_bytes(), text="at night", fusion="best-of-both")
+    assert response.status_code == 400 and "one vector per item or query" in response.json()["error"]
+
+
 def test_image_to_text_and_text_to_text_use_the_caption_index(client, library):
     red = next((library["photos"] / "colours" / "images").glob("red*"))
     hits = upload(client, red.read_bytes(), k=3, index="texts").json()["results"]

@@ -86,7 +86,7 @@ def strategies_for(embedder, weights=None, fusion_bundles: Sequence[str | Path] 
     for name in sorted(list_fusion_strategies(), key=lambda n: (fusion_spec(n).trainable, n)):  # untrained first
         spec = fusion_spec(name)
         if not spec.trainable:
-            strategies[name] = resolve_fusion(embedder, name, weights)
+            strategies[name] = resolve_fusion(embedder, name, weights, one_vector=False)
             continue
         try:
             strategies[name] = resolve_fusion(embedder, name, None, given.get(name))

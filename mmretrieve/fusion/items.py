@@ -16,16 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from .strategies import FusionStrategy, check_pair
 
 
 def fuse_items(strategy: FusionStrategy, text: np.ndarray, image: np.ndarray) -> np.ndarray:
     """One vector per (text, image) pair; late fusion's is the weighted sum (see the module doc)."""
-    if strategy.late:
-        if getattr(strategy, "weights", None) is None:
-            raise ConfigError(f"{strategy.name} combines similarities its own way, which one vector per item or "
-                              f"query cannot hold; evaluate it with `mmretrieve eval --fused`")
+    if strategy.late:  # resolve_fusion made sure a late strategy here has weights
         text, image = check_pair(text, image)
         return (strategy.weights[0] * text + strategy.weights[1] * image).astype(np.float32)
     return strategy.fuse(text, image)
@@ -105,9 +102,6 @@ def item_fusion_settings(index_dir: str | Path, embedder, captions_file: str | P
             raise InputError(f"--fusion {fusion} joins each image with its caption; give --captions FILE "
                              f"(JSONL, CSV, COCO JSON or .txt sidecars)")
         strategy = resolve_fusion(embedder, fusion, weights, fusion_bundle)
-        if strategy.late and getattr(strategy, "weights", None) is None:
-            raise ConfigError(f"{strategy.name} combines similarities its own way, which one vector per item "
-                              f"cannot hold; index with mean or another strategy")
     captions = None
     if captions_file is not None:
         from ..data import load_captions

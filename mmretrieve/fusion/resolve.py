@@ -22,14 +22,23 @@ def fusion_spec(name: str):
 
 
 def resolve_fusion(embedder, name: str, weights: str | Sequence[float] | None = None,
-                   fusion_bundle: str | Path | None = None) -> FusionStrategy:
-    """The strategy ``name`` for ``embedder``'s model; a trained head for another model is refused."""
+                   fusion_bundle: str | Path | None = None, one_vector: bool = True) -> FusionStrategy:
+    """The strategy ``name`` for ``embedder``'s model; a trained head for another model is refused.
+
+    ``one_vector``: the caller needs one vector per item or query (an index, a search), so a late
+    strategy must say how it weighs the two similarities (``weights``); `eval --fused` scores
+    late strategies their own way and passes False.
+    """
     spec = fusion_spec(name)
     if not spec.trainable:
         if fusion_bundle is not None:
             raise ConfigError(f"{spec.name} has nothing trained, so it takes no fusion bundle; "
                               f"a fusion bundle goes with a trained strategy (concat-projection, gated)")
-        return spec.build(dim=int(embedder.embed_dim), weights=weights)
+        strategy = spec.build(dim=int(embedder.embed_dim), weights=weights)
+        if one_vector and strategy.late and getattr(strategy, "weights", None) is None:
+            raise ConfigError(f"{spec.name} combines similarities its own way, which one vector per item or query "
+                              f"cannot hold; use mean, or compare it with `mmretrieve eval --fused`")
+        return strategy
     if weights is not None:
         raise ConfigError(f"{spec.name} learns how to weigh text and image, so it takes no weights; "
                           f"weights apply to late and mean")
