@@ -184,7 +184,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         strategy = None
         if text is not None:
             text = check_text(text, "text")
-            # Resolved (and cached) off the event loop: a trained head is read from disk once.
+            # Resolved off the event loop: a trained head is read from disk (once).
             strategy = await anyio.to_thread.run_sync(engine.fusion, fusion or "mean", weights)
         elif fusion is not None or weights is not None:
             raise RequestProblem(422, "fusion and weights refine an image with words; add text=...")

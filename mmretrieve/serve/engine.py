@@ -73,7 +73,7 @@ class SearchEngine:
         self.on_reopen: Callable[[str], None] | None = None  # told when an index's database was replaced
         self._identity: dict[str, tuple[int, int] | None] = {}  # (device, inode) of each items.sqlite
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._fusions: dict[tuple[str, str | None], Any] = {}
+        self._fusions: dict[str, Any] = {}  # trained heads by strategy name
         self._fusion_lock = threading.Lock()
         self._last_check = 0.0
         ready: concurrent.futures.Future = concurrent.futures.Future()
@@ -94,15 +94,18 @@ class SearchEngine:
         return await self._ask(_Query("fused", (pixels, text, strategy), target, k, min_score))
 
     def fusion(self, name: str, weights: str | None = None):
-        """The fusion strategy for multimodal queries, resolved once per (name, weights) for the
-        served model (a trained one uses the head stored in the model)."""
-        from ..fusion.resolve import resolve_fusion
+        """The fusion strategy for multimodal queries on the served model. Untrained ones cost
+        nothing to build and are built per request (their weights come from clients, so caching
+        them would grow without bound); a trained head is read from the model once and kept."""
+        from ..fusion.resolve import fusion_spec, resolve_fusion
 
-        key = (name, weights)
+        spec = fusion_spec(name)
+        if not spec.trainable or weights is not None:  # weights on a trained one: resolve_fusion refuses
+            return resolve_fusion(self.embedder, name, weights)
         with self._fusion_lock:
-            if key not in self._fusions:
-                self._fusions[key] = resolve_fusion(self.embedder, name, weights)
-            return self._fusions[key]
+            if spec.name not in self._fusions:
+                self._fusions[spec.name] = resolve_fusion(self.embedder, spec.name)
+            return self._fusions[spec.name]
 
     async def call(self, fn: Callable[[dict], Any]) -> Any:
         """Run ``fn(readers)`` on the worker thread (the readers' SQLite connections live there)."""
