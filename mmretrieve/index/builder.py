@@ -187,10 +187,7 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     known = store.known_files()
     plan = plan_changes(found, known, scope=str(root.resolve()))
     if captions is not None:
-        recaptioned = _recaptioned(store, found, plan, captions, fusion is not None)
-        plan.changed += recaptioned
-        plan.unchanged -= len([s for s in recaptioned if s.path not in {t.path for t, _ in plan.touched}])
-        plan.touched = [(s, h) for s, h in plan.touched if s not in recaptioned]
+        plan.re_embed(_recaptioned(store, found, plan, captions, fusion is not None))
     if plan.touched:
         store.touch([(state.size, state.mtime_ns, state.path) for state, _ in plan.touched])
     # A file that failed before and has not changed since is not retried on every run.

@@ -37,6 +37,14 @@ class ScanPlan:
     def to_embed(self) -> list[FileState]:
         return self.new + self.changed
 
+    def re_embed(self, states: list[FileState]) -> None:
+        """Count files the scan found unchanged or touched as changed (their captions moved)."""
+        moving = {s.path for s in states}
+        touched = [(s, h) for s, h in self.touched if s.path not in moving]
+        self.unchanged -= len(moving) - (len(self.touched) - len(touched))
+        self.touched = touched
+        self.changed += states
+
 
 def _matches(relative: str, patterns: Iterable[str]) -> bool:
     name = relative.rsplit("/", 1)[-1]
