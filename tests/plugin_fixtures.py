@@ -101,12 +101,6 @@ class LouderModality:
         return (fused / np.linalg.norm(fused, axis=1, keepdims=True)).astype(np.float32)
 
 
-class FusionPlugin:
-    @hookimpl
-    def register_fusion_strategies(self, register):
-        register(FusionSpec(name="louder", factory=LouderModality, description="per-dimension louder modality"))
-
-
 class BestOfBoth:
     """A third-party late strategy with no weights: an item scores its better modality's similarity."""
 
@@ -123,7 +117,10 @@ class BestOfBoth:
         return np.maximum(queries @ text.T, queries @ image.T).astype(np.float32)
 
 
-class LatePlugin:
+class FusionPlugin:
+    """A third party's fusion strategies: one that fuses to a vector, one late one without weights."""
+
     @hookimpl
     def register_fusion_strategies(self, register):
+        register(FusionSpec(name="louder", factory=LouderModality, description="per-dimension louder modality"))
         register(FusionSpec(name="best-of-both", factory=BestOfBoth, description="max of the two similarities"))

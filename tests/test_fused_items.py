@@ -311,9 +311,9 @@ def test_a_killed_fused_run_resumes_and_keeps_what_it_staged(captioned, tmp_path
 
 def test_a_late_strategy_without_weights_is_evaluated_but_never_indexed_or_searched(captioned, tmp_path):
     from mmretrieve.plugins import get_host
-    from plugin_fixtures import LatePlugin
+    from plugin_fixtures import FusionPlugin
 
-    get_host().register(LatePlugin(), name="late-plugin")
+    get_host().register(FusionPlugin(), name="fusion-plugin")
     bundle, data = captioned
     table = json.loads(run("eval", "--fused", "--model", bundle, "--data", data, "--json", "--workers", "0").stdout)
     assert "best-of-both" in table

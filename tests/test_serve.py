@@ -164,9 +164,9 @@ def test_bad_multimodal_queries_get_4xx_with_one_sentence(client, library, param
 
 def test_a_late_strategy_without_weights_is_refused_before_it_reaches_the_batch(client, library):
     from mmretrieve.plugins import get_host
-    from plugin_fixtures import LatePlugin
+    from plugin_fixtures import FusionPlugin
 
-    get_host().register(LatePlugin(), name="late-plugin")
+    get_host().register(FusionPlugin(), name="fusion-plugin")
     path = library["photos"] / "holiday" / "wide.png"
     response = upload(client, path.read_bytes(), text="at night", fusion="best-of-both")
     assert response.status_code == 400 and "one vector per item or query" in response.json()["error"]
