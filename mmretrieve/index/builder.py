@@ -179,6 +179,17 @@ def _recaptioned(store: IndexStore, found: list[FileState], plan, captions: dict
     return []
 
 
+def _record_root(store: IndexStore, root: Path) -> bool:
+    """Add the scanned folder (or file), absolute and resolved, to manifest["roots"]: the places
+    this index's images come from, which serve uses as its default root. True when it was new."""
+    roots = store.manifest.setdefault("roots", [])
+    resolved = str(root.resolve())
+    if resolved in roots:
+        return False
+    roots.append(resolved)
+    return True
+
+
 def _index_images(store: IndexStore, root: Path, embedder, include, exclude, batch_size, workers, commit_every,
                   captions, progress, memory_budget, started, fusion=None) -> IndexReport:
     found = scan_files(root, include, exclude)
@@ -209,10 +220,13 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     # A file that was indexed but no longer reads has a stale vector: drop it with the vanished.
     stale = [f["path"] for f in report.failed if f["path"] in known]
     removed = plan.vanished + stale
+    roots_changed = _record_root(store, root)
     if store.count("staged") or removed or not store.vectors_folder().is_dir():
         report.generation, report.index_type = publish(store, removed, memory_budget)
     else:
         report.generation, report.index_type = store.generation, store.manifest.get("index_type", "")
+        if roots_changed:
+            store.write_manifest()
     report.removed = len(removed)
     report.total = store.count()
     report.seconds = round(time.perf_counter() - started, 2)
