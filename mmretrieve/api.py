@@ -23,6 +23,23 @@ from .index.search import Hit, IndexReader
 INDEX_ROOT_ENV = "MMRETRIEVE_INDEX_ROOT"
 
 
+def user_path(path: str | Path) -> Path:
+    """A path given to the API as a shell would take it: ``~`` expanded, made absolute (links kept)."""
+    return Path(path).expanduser().absolute()
+
+
+def _maybe_path(value: Any) -> Any:
+    """A file name (str or Path) through user_path; anything else (a PIL image, None) as it is."""
+    return user_path(value) if isinstance(value, (str, Path)) else value
+
+
+def _model(model: str | Path | None) -> str | None:
+    """A model given as a path (``~`` expanded) absolute and resolved; a registered name as it is."""
+    from .bundle import absolute_ref
+
+    return None if model is None else absolute_ref(model)
+
+
 def default_index_dir(modality: str = "image") -> Path:
     """``index/images`` or ``index/texts`` under $MMRETRIEVE_INDEX_ROOT (default ./index)."""
     return Path(os.environ.get(INDEX_ROOT_ENV, "index")) / ("images" if modality == "image" else "texts")
@@ -33,14 +50,14 @@ class Index:
 
     def __init__(self, index_dir: str | Path, model: str | None = None, runtime: str = "auto",
                  device: str | None = None):
-        self.folder = Path(index_dir)
-        self.reader = IndexReader(self.folder, model=model, runtime=runtime, device=device)
+        self.folder = user_path(index_dir).resolve()
+        self.reader = IndexReader(self.folder, model=_model(model), runtime=runtime, device=device)
 
     def search(self, query: str, k: int = 10, min_score: float | None = None) -> list[Hit]:
         return self.reader.search_text([query], k, min_score)[0]
 
     def search_image(self, image: str | Path | Any, k: int = 10, min_score: float | None = None) -> list[Hit]:
-        return self.reader.search_image([image], k, min_score)[0]
+        return self.reader.search_image([_maybe_path(image)], k, min_score)[0]
 
     def search_fused(self, image: str | Path | Any, text: str, k: int = 10, fusion: str = "mean",
                      weights: str | Sequence[float] | None = None, fusion_bundle: str | Path | None = None,
@@ -48,7 +65,8 @@ class Index:
         """An example image refined by words ("like this, but at night") as one fused query."""
         from .fusion.query import search_fused
 
-        return search_fused(self.reader, image, text, k, fusion, weights, fusion_bundle, min_score)
+        return search_fused(self.reader, _maybe_path(image), text, k, fusion, weights, _maybe_path(fusion_bundle),
+                            min_score)
 
     def update(self, root: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
                captions: str | Path | None = None, **options: Any) -> IndexReport:
@@ -64,7 +82,7 @@ class Index:
         return reports
 
     def remove(self, paths: Sequence[str | Path]) -> int:
-        removed = remove_files(self.folder, list(paths))
+        removed = remove_files(self.folder, [user_path(path) for path in paths])
         self.reader.refresh()
         return removed
 
@@ -81,9 +99,10 @@ def _index(root, folder: Path, embedder, include, exclude, captions, options: di
     """index_images with the captions file and fusion settings resolved as the CLI does."""
     from .fusion.items import item_fusion_settings
 
-    fusion = [options.pop(key, None) for key in ("fusion", "weights", "fusion_bundle")]
-    captions_map, strategy, source = item_fusion_settings(folder, embedder, captions, *fusion)
-    return index_images(root, folder, embedder, include, exclude, captions=captions_map, fusion=strategy,
+    fusion, weights, fusion_bundle = (options.pop(key, None) for key in ("fusion", "weights", "fusion_bundle"))
+    captions_map, strategy, source = item_fusion_settings(folder, embedder, _maybe_path(captions), fusion, weights,
+                                                          _maybe_path(fusion_bundle))
+    return index_images(user_path(root), folder, embedder, include, exclude, captions=captions_map, fusion=strategy,
                         captions_source=source, **options)
 
 
@@ -94,8 +113,8 @@ def build_index(root: str | Path, model: str, index_dir: str | Path | None = Non
     indexed fused with its first caption."""
     from .runtime import load_embedder
 
-    folder = Path(index_dir or default_index_dir("image"))
-    embedder = load_embedder(model, runtime, device)
+    folder = user_path(index_dir or default_index_dir("image")).resolve()
+    embedder = load_embedder(_model(model), runtime, device)
     _index(root, folder, embedder, tuple(options.pop("include", ())), tuple(options.pop("exclude", ())), captions,
            options)
     index = Index.__new__(Index)
@@ -108,5 +127,5 @@ def build_text_index(captions_file: str | Path, model: str, index_dir: str | Pat
                      runtime: str = "auto", device: str | None = None, **options: Any) -> IndexReport:
     from .runtime import load_embedder
 
-    return index_texts(captions_file, index_dir or default_index_dir("text"), load_embedder(model, runtime, device),
-                       **options)
+    return index_texts(user_path(captions_file), user_path(index_dir or default_index_dir("text")).resolve(),
+                       load_embedder(_model(model), runtime, device), **options)

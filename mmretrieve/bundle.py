@@ -160,11 +160,19 @@ def _fingerprint(weights_sha256: str, towers: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join([weights_sha256, *references]).encode()).hexdigest()[:32]
 
 
+def absolute_ref(ref: str | Path) -> str:
+    """A model given as a path (``~`` expanded) as its absolute, resolved path, so that an index
+    built with it, or a process started in another folder, still finds it; a name a plugin
+    registered (``default``) stays a name. A path that exists wins over a name, as in resolve_model."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else str(ref)
+
+
 def resolve_model(ref: str | Path) -> Path:
-    """A bundle folder from a path or from a name a plugin registered (``default``)."""
-    path = Path(ref)
+    """A bundle folder (absolute) from a path or from a name a plugin registered (``default``)."""
+    path = Path(ref).expanduser()
     if path.is_dir():
-        return path
+        return path.resolve()
     from .plugins import get_host
 
     registry = get_host().registry("model")

@@ -465,12 +465,15 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of results (per query if several).")
 @click.option("-p", "--paths", "paths_only", is_flag=True, help="Print only paths, one per line (for piping).")
+@click.option("-0", "--null", "null_ends", is_flag=True,
+              help="Print only paths, each ended by a NUL byte instead of a newline, so names with newlines "
+                   "survive piping (`| xargs -0`, like `find -print0`); implies --paths.")
 @click.option("--text", "query_text", help="With one --image: words that refine it (\"at night\"), fused into one query.")
 @click.option("--fusion", help="Fusion strategy for --image with --text: late, mean, concat-projection, gated, or a plugin's.")
 @click.option("--weights", help="text,image weights for late and mean fusion, e.g. 0.3,0.7 (default 0.5,0.5).")
 @click.option("--fusion-bundle", type=click.Path(file_okay=False), help="Trained head for a trained --fusion (default: the one stored in the model).")
 def search(queries, images, k, min_score, index_dir, search_texts, model_ref, runtime, device, as_json, paths_only,
-           query_text, fusion, weights, fusion_bundle):
+           null_ends, query_text, fusion, weights, fusion_bundle):
     """Search an index by text (QUERY, or - to read queries from stdin), by --image, or by both (--image with --text)."""
     from .api import default_index_dir
     from .index.search import IndexReader
@@ -485,6 +488,9 @@ def search(queries, images, k, min_score, index_dir, search_texts, model_ref, ru
         raise click.UsageError("--fusion, --weights and --fusion-bundle combine --image with --text; add --text")
     if not multimodal and bool(queries) == bool(images):
         raise click.UsageError("give text QUERY arguments or --image PATH, not both and not neither")
+    paths_only = paths_only or null_ends
+    if as_json and paths_only:
+        raise click.UsageError("give one of --json and --paths (or -0)")
     folder = Path(index_dir) if index_dir else default_index_dir("text" if search_texts else "image")
     reader = IndexReader(folder, model=model_ref, runtime=runtime, device=device)
     if multimodal:
@@ -502,8 +508,7 @@ def search(queries, images, k, min_score, index_dir, search_texts, model_ref, ru
         return
     for label, hits in zip(labels, results):
         if paths_only:
-            for hit in hits:
-                click.echo(hit.as_dict()["path"])
+            _echo_paths([hit.as_dict()["path"] for hit in hits], null_ends)
             continue
         if len(labels) > 1:
             click.echo(f"# {label}")
@@ -512,6 +517,19 @@ def search(queries, images, k, min_score, index_dir, search_texts, model_ref, ru
         for hit in hits:
             shown = hit.item.text if hit.item.text is not None else hit.path
             click.echo(f"{hit.rank:>3}  {hit.score:.4f}  {shown}")
+
+
+def _echo_paths(paths: list[str], null_ends: bool) -> None:
+    """One path per line, or each ended by NUL with -0; a newline inside a name splits it, so stderr says so."""
+    if null_ends:
+        for path in paths:
+            click.echo(f"{path}\0", nl=False)
+        return
+    for path in paths:
+        click.echo(path)
+    if any("\n" in path for path in paths):
+        click.echo("a path above contains a newline and was printed as two lines; use -0 (with xargs -0) to "
+                   "keep every path whole", err=True)
 
 
 @cli.command()

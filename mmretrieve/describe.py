@@ -48,9 +48,17 @@ def describe_export(ref: str | Path, verify: bool) -> tuple[dict[str, Any], list
              f"format:       {m['format']} v{m['format_version']} (mmretrieve {m['mmretrieve_version']})",
              f"fingerprint:  {m['fingerprint']} (of {m['source']['path']})",
              f"embed dim:    {m['embed_dim']}  precision: {m['precision']}  opset: {m['opset']}"]
-    lines += [f"{tower + ' tower:':<13} {graph['file']}, fp32 vs PyTorch min cosine "
-              f"{m.get('parity', {}).get(tower, {}).get('min_cosine', float('nan')):.6f}"
-              for tower, graph in m["towers"].items()]
+    checks = export_checks(m)
+    for tower, graph in m["towers"].items():
+        parity = checks["parity"][tower]
+        line = (f"{tower + ' tower:':<13} {graph['file']}, fp32 vs PyTorch min cosine "
+                + ("not recorded" if parity is None else f"{parity:.6f}"))
+        if tower in checks["agreement"]:
+            agreement = checks["agreement"][tower]
+            line += (f"; {m['precision']} vs PyTorch min cosine {agreement['min_cosine']:.4f} "
+                     f"(mean {agreement['mean_cosine']:.4f})")
+        lines.append(line)
+    lines += _recall_lines(m["precision"], checks["recall"])
     lines += head_lines
     if verify:
         from .formats import damaged_file
@@ -60,7 +68,48 @@ def describe_export(ref: str | Path, verify: bool) -> tuple[dict[str, Any], list
             raise BundleError(f"{info.path}: {damaged} is missing or does not match its recorded hash; "
                               f"the export is damaged")
         lines.append(f"verified:     {len(m.get('files', {}))} files match their hashes")
-    return {"path": str(info.path), "export": m, "fusion_heads": heads}, lines
+    return {"path": str(info.path), "export": m, "checks": checks, "fusion_heads": heads}, lines
+
+
+def export_checks(m: dict[str, Any]) -> dict[str, Any]:
+    """What the export recorded about its own precision: fp32 parity per tower, a reduced
+    precision's agreement with PyTorch, and the Recall@K gate (None when no recall was measured)."""
+    from .export.recall import GATED, MAX_RECALL_DROP
+
+    checks: dict[str, Any] = {
+        "precision": m["precision"],
+        "parity": {tower: m.get("parity", {}).get(tower, {}).get("min_cosine") for tower in m["towers"]},
+        "agreement": {tower: {key: report[key] for key in ("min_cosine", "mean_cosine")}
+                      for tower, report in m.get("agreement", {}).items()},
+        "recall": None,
+    }
+    recall = m.get("recall")
+    if recall:
+        results = recall.get("results", {})
+        gate: dict[str, Any] = {"eval_data": recall.get("eval_data"), "metric": GATED,
+                                GATED: {variant: {d: r[d][GATED] for d in ("t2i", "i2t")}
+                                        for variant, r in results.items()}}
+        if m["precision"] != "fp32" and {"fp32", m["precision"]} <= set(results):
+            drops = {d: round(results["fp32"][d][GATED] - results[m["precision"]][d][GATED], 2) for d in ("t2i", "i2t")}
+            gate.update(drop=drops, max_drop=MAX_RECALL_DROP, passed=max(drops.values()) <= MAX_RECALL_DROP)
+        checks["recall"] = gate
+    return checks
+
+
+def _recall_lines(precision: str, gate: dict[str, Any] | None) -> list[str]:
+    if gate is None:
+        return [] if precision == "fp32" else [
+            f"recall:       not checked; this {precision} export was written with --force and no --eval-data"]
+    metric = gate["metric"]
+    lines = [f"{'recall ' + metric + ':':<13} "
+             + "; ".join(f"{variant}: t2i {r['t2i']:.2f}, i2t {r['i2t']:.2f}" for variant, r in gate[metric].items())
+             + f" (on {gate['eval_data']})"]
+    if "passed" in gate:
+        worst = max(gate["drop"], key=gate["drop"].get)
+        verdict = "passed" if gate["passed"] else "FAILED, written with --force"
+        lines.append(f"recall gate:  {verdict} ({precision} loses {gate['drop'][worst]:.2f} points of {worst} "
+                     f"{metric}; at most {gate['max_drop']} allowed)")
+    return lines
 
 
 def describe_index(ref: str | Path) -> tuple[dict[str, Any], list[str]]:

@@ -85,8 +85,9 @@ class IndexReader:
             )
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, min_score: float | None = None) -> list[list[Hit]]:
-        if k < 1:
-            raise InputError("k must be at least 1")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k must be a whole number of at least 1, not {k!r}")
+        k = min(int(k), max(len(self.index), 1))  # more than the index holds would only allocate padding
         queries = np.asarray(queries, dtype=np.float32)
         padding = int(self.manifest.get("query_padding", 0))  # late-fused items carry extra coordinates
         if padding:
