@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: liveness of a writer is told by its pid alone
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,30 +80,207 @@ def write_npy_atomic(path: str | Path, array) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh sibling folder to fill; on success it replaces ``target`` in one rename.
+    """Yield a fresh sibling folder to fill; on success it replaces ``target``, with one complete
+    folder reachable under that name at every instant a reader can observe.
 
-    If the block raises (or the process dies), ``target`` is untouched and the partial
-    folder is removed (or left as a hidden ``.name.tmp-*`` sibling after a kill).
+    Where the kernel and file system offer ``renameat2(RENAME_EXCHANGE)``, the new folder and the
+    old one swap names in one step. Elsewhere the completed folder is first renamed
+    ``.NAME.new-*`` (the name is its completion marker), the old one moved aside to ``.NAME.old-*``
+    and the new one moved in; a kill between those renames leaves ``target`` missing, and
+    :func:`recover_directory` (run here and by every reader) puts the newest complete folder back.
+    If the block raises, ``target`` is untouched and the partial folder is removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    recover_directory(target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
+    suffix = staging.name.rpartition(".tmp-")[2]
+    locks = [_lock(staging)]
+    published = False
     try:
         yield staging
-        _publishable(staging, directory=True)
-        for file in staging.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-                _publishable(file)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, retired / "old")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
+        _seal(staging)
+        retired = None
+        if not target.exists():
+            os.rename(staging, target)
         else:
-            os.replace(staging, target)
+            locks.append(_lock_current(target))
+            if _exchange(staging, target):
+                retired = staging  # the old folder, now under the staging name
+            else:
+                ready = staging.with_name(f".{target.name}.new-{suffix}")
+                os.rename(staging, ready)
+                retired = staging.with_name(f".{target.name}.old-{suffix}")
+                os.rename(target, retired)
+                os.rename(ready, target)
+        published = True
         _fsync_dir(target.parent)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            shutil.rmtree(staging, ignore_errors=True)
+            _release(locks)
+            # Interrupted between the renames: put a complete folder back under the target's name.
+            with contextlib.suppress(Exception):
+                recover_directory(target)
         raise
+    finally:
+        _release(locks)
+
+
+def _seal(folder: Path) -> None:
+    """Ordinary modes, and every file and folder flushed to disk, before the folder is published."""
+    _publishable(folder, directory=True)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            _publishable(path)
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+# -- swapping two folders in one step (Linux renameat2) ------------------------------------------
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_NO_EXCHANGE: set[int] = set()  # st_dev of file systems that refused RENAME_EXCHANGE
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc older than glibc 2.28, or none to load
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing folders' names atomically; False where the system cannot (then nothing moved)."""
+    function = _renameat2()
+    if function is None:
+        return False
+    device = os.stat(second.parent).st_dev
+    if device in _NO_EXCHANGE:
+        return False
+    if function(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        _NO_EXCHANGE.add(device)
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+# -- who is still writing: an exclusive flock on each folder a writer owns -----------------------
+def _lock(folder: Path) -> int | None:
+    """Hold an exclusive lock on ``folder`` (released when the descriptor closes, or the process dies)."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a file system without flock: liveness falls back to the pid in the name
+        os.close(fd)
+        return None
+    return fd
+
+
+def _lock_current(target: Path) -> int | None:
+    """Lock the folder that is ``target`` now (another writer may have swapped it meanwhile)."""
+    while True:
+        fd = _lock(target)
+        if fd is None or os.fstat(fd).st_ino == os.stat(target).st_ino:
+            return fd
+        os.close(fd)
+
+
+def _release(locks: list[int | None]) -> None:
+    while locks:
+        fd = locks.pop()
+        if fd is not None:
+            os.close(fd)
+
+
+def _claim(folder: Path, pid: int) -> tuple[bool, int | None]:
+    """(True, fd) when the writer of a leftover folder is gone, the folder now locked by us."""
+    if fcntl is not None:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return False, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True, fd
+        except BlockingIOError:
+            os.close(fd)
+            return False, None
+        except OSError:
+            os.close(fd)
+    return not _alive(pid), None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def recover_directory(target: str | Path) -> bool:
+    """Repair what an interrupted :func:`atomic_directory` left beside ``target``.
+
+    When ``target`` is missing (a kill between the fallback's renames), the newest complete
+    leftover is renamed back to it: a ``.NAME.new-*`` folder, else the ``.NAME.old-*`` one. Leftovers
+    whose writer is gone (``.NAME.tmp-*``, ``.NAME.new-*``, ``.NAME.old-*``) are then removed; those of
+    a writer still running are left alone. Returns True when ``target`` was restored. Never
+    raises for a folder it cannot change (a reader may lack write access).
+    """
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|new|old)-(\d+)-[A-Za-z0-9_]+")
+    try:
+        with os.scandir(target.parent) as entries:
+            found = [(match.group(1), int(match.group(2)), target.parent / entry.name) for entry in entries
+                     if (match := pattern.fullmatch(entry.name)) and entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return False
+    if not found:
+        return False
+    claimed: list[tuple[str, Path]] = []
+    locks: list[int | None] = []
+    restored = False
+    try:
+        for kind, pid, path in found:
+            gone, fd = _claim(path, pid)
+            locks.append(fd)
+            if gone:
+                claimed.append((kind, path))
+        if not os.path.lexists(target):
+            for wanted in ("new", "old"):  # a tmp folder may be incomplete: never restored
+                candidates = [path for kind, path in claimed if kind == wanted]
+                if candidates:
+                    newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+                    with contextlib.suppress(OSError):
+                        os.rename(newest, target)
+                        _fsync_dir(target.parent)
+                        restored = True
+                        log.warning("%s was missing after an interrupted write; restored the newest complete copy",
+                                    target)
+                    break
+        for _, path in claimed:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+    finally:
+        _release(locks)
+    return restored

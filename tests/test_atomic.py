@@ -40,3 +40,145 @@ def test_failed_atomic_directory_keeps_the_old_one(tmp_path):
         raise RuntimeError("killed half-way")
     assert (tmp_path / "bundle" / "v").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+# -- replacing a folder: one complete folder reachable at every moment, even across a kill --------
+
+import subprocess
+import sys
+
+from mmretrieve import atomic
+from mmretrieve.atomic import recover_directory
+
+
+def write_version(target, version: str) -> None:
+    with atomic_directory(target) as staging:
+        (staging / "version").write_text(version)
+        (staging / "sub").mkdir()
+        (staging / "sub" / "weights").write_text(version * 3)
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_exchange_swaps_two_folders_on_this_file_system(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "from-a").touch()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "from-b").touch()
+    if atomic._renameat2() is None:
+        pytest.skip("no renameat2 in this libc")
+    assert atomic._exchange(tmp_path / "a", tmp_path / "b") is True
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["from-b"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["from-a"]
+
+
+def test_replacing_a_folder_uses_the_exchange_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    swaps = []
+    real = atomic._exchange
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: swaps.append(real(a, b)) or swaps[-1])
+    write_version(tmp_path / "ckpt", "1")
+    write_version(tmp_path / "ckpt", "2")
+    assert swaps == ([True] if atomic._renameat2() else [False])
+    assert (tmp_path / "ckpt" / "version").read_text() == "2"
+    assert (tmp_path / "ckpt" / "sub" / "weights").read_text() == "222"
+    assert leftovers(tmp_path) == []
+
+
+def test_the_fallback_without_exchange_replaces_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    write_version(tmp_path / "ckpt", "1")
+    write_version(tmp_path / "ckpt", "2")
+    assert (tmp_path / "ckpt" / "version").read_text() == "2"
+    assert leftovers(tmp_path) == []
+
+
+def test_an_exception_between_the_fallbacks_renames_leaves_a_complete_folder(tmp_path, monkeypatch):
+    write_version(tmp_path / "ckpt", "1")
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        calls.append(dst)
+        if len(calls) == 2:  # staged -> .new-*, then old -> .old-*: the target is missing now
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(SystemExit):
+        write_version(tmp_path / "ckpt", "2")
+    assert (tmp_path / "ckpt" / "version").read_text() == "2"
+    assert leftovers(tmp_path) == []
+
+
+KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from mmretrieve import atomic
+mode, target = sys.argv[1], Path(sys.argv[2])
+real_exchange, real_rename, renames = atomic._exchange, os.rename, []
+def exchange(a, b):
+    if mode == "fallback":
+        return False
+    real_exchange(a, b)
+    os._exit(9)  # swapped, the old folder not yet removed
+def rename(a, b):
+    real_rename(a, b)
+    renames.append(b)
+    if mode == "fallback" and len(renames) == 2:
+        os._exit(9)  # the old folder moved aside, the new one not yet in place
+atomic._exchange, os.rename = exchange, rename
+with atomic.atomic_directory(target) as staging:
+    (staging / "version").write_text("2")
+"""
+
+
+@pytest.mark.parametrize("mode", ["fallback", "exchange"])
+def test_a_writer_killed_while_publishing_leaves_a_folder_the_next_reader_finds(tmp_path, mode):
+    target = tmp_path / "checkpoint"
+    write_version(target, "1")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, mode, str(target)])
+    assert killed.returncode == 9
+    if mode == "fallback":
+        assert not target.exists()  # the window the issue found
+        assert any(".new-" in name for name in leftovers(tmp_path))
+    else:
+        assert leftovers(tmp_path)  # the old folder under the staging name
+    recover_directory(target)
+    assert (target / "version").read_text() == "2"
+    assert leftovers(tmp_path) == []
+
+
+def test_stale_leftovers_are_removed_and_a_live_writers_are_kept(tmp_path):
+    import fcntl
+
+    target = tmp_path / "bundle"
+    write_version(target, "1")
+    dead = tmp_path / f".bundle.tmp-{2**22 + 12345}-deadbeef"
+    dead.mkdir()
+    (dead / "half").write_text("x")
+    (tmp_path / ".bundle.old-1-abcdefgh").mkdir()
+    live = tmp_path / f".bundle.tmp-{os.getpid()}-livewrit"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as atomic_directory holds it while writing
+    try:
+        (tmp_path / ".other.tmp-1-abcdefgh").mkdir()  # another target's: not ours to touch
+        write_version(target, "2")
+        assert leftovers(tmp_path) == sorted([".other.tmp-1-abcdefgh", live.name])
+    finally:
+        os.close(fd)
+    assert recover_directory(target) is False
+    assert leftovers(tmp_path) == [".other.tmp-1-abcdefgh"]
+    assert (target / "version").read_text() == "2"
+
+
+def test_recovery_restores_the_old_folder_when_no_new_one_is_complete(tmp_path):
+    target = tmp_path / "bundle"
+    write_version(target, "1")
+    os.rename(target, tmp_path / ".bundle.old-1-abcdefgh")
+    (tmp_path / ".bundle.tmp-1-zzzzzzzz").mkdir()  # unfinished: never published
+    assert recover_directory(target) is True
+    assert (target / "version").read_text() == "1"
+    assert leftovers(tmp_path) == []
