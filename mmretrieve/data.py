@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .images import list_images, load_image
+from .images import ImageInputError, file_problem, list_images, load_image
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -373,18 +373,19 @@ def _drop_unusable_images(out: _Collector, decode: bool, workers: int, progress:
 
 
 def _image_problem(path: Path) -> str | None:
+    """Why the image cannot be used (decoded fully, as training will), or None."""
     try:
         load_image(path)
-    except InputError as exc:
-        message, prefix = str(exc), f"{path}: "
-        return message[len(prefix):] if message.startswith(prefix) else message
+    except ImageInputError as exc:
+        return exc.reason
+    except MemoryError:
+        return "ran out of memory while decoding it"
     return None
 
 
 def _missing_problem(path: Path) -> str | None:
-    if path.is_file():
-        return None
-    return "is a folder, not an image" if path.is_dir() else "no such file"
+    """Why the file cannot be read as an image, from its metadata only (a FIFO, a device, a folder)."""
+    return file_problem(path)
 
 
 def _why_empty(captions: CaptionSet) -> str:

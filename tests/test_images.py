@@ -53,3 +53,222 @@ def test_missing_file_and_folder(tmp_path):
         load_image(tmp_path / "nope.jpg")
     with pytest.raises(InputError, match="no such file or folder"):
         list_images(tmp_path / "nope")
+
+
+# -- preprocessing: ordinary photos unchanged, the rest bounded by the output ------------------------
+
+def _resize_then_crop(image, config):
+    """The transform as it was before bounded preprocessing (torchvision's Resize + CenterCrop)."""
+    import math
+
+    from mmretrieve.preprocess import _PIL_INTERPOLATION
+
+    size, scale = config.size, math.floor(config.size / config.crop_pct)
+    width, height = image.size
+    new_w, new_h = (scale, int(scale * height / width)) if width <= height else (int(scale * width / height), scale)
+    image = image.resize((new_w, new_h), _PIL_INTERPOLATION[config.interpolation])
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    mean, std = (np.asarray(v, dtype=np.float32).reshape(3, 1, 1) for v in (config.mean, config.std))
+    return (array - mean) / std
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "lanczos"])
+def test_ordinary_photos_preprocess_bit_identical_to_resize_then_crop(interpolation):
+    from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
+
+    for size in (224, 64):
+        config = ImagePreprocessConfig(size=size, interpolation=interpolation)
+        preprocessor = ImagePreprocessor(config)
+        for seed, shape in enumerate([(640, 480), (480, 640), (500, 500), (1920, 1080), (97, 61), (30, 90),
+                                      (1000, 334), (4032, 3024)]):
+            image = random_image(seed, shape)
+            assert np.array_equal(preprocessor.transform(image), _resize_then_crop(image, config)), (size, shape)
+
+
+def test_a_thin_strip_is_resampled_without_a_large_intermediate(monkeypatch):
+    from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
+
+    made = []
+    resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        made.append(size[0] * size[1])
+        assert size[0] * size[1] <= 4 * 224 * 224, f"a {size} intermediate for a 224 px output"
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    strip = Image.new("RGB", (1, 16000), (200, 30, 40))  # 256 x 4,096,000 (3 GB) the old way
+    out = ImagePreprocessor(ImagePreprocessConfig()).transform(strip)
+    assert out.shape == (3, 224, 224) and made
+    expected = (200 / 255 - 0.485) / 0.229
+    assert abs(float(out[0].mean()) - expected) < 1e-3  # the colour survives
+
+
+def test_a_panorama_takes_the_bounded_path_and_stays_close_to_the_full_resize():
+    from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
+
+    config = ImagePreprocessConfig()
+    smooth = Image.fromarray(np.random.default_rng(3).integers(0, 256, (6, 40, 3), dtype=np.uint8))
+    for shape in ((1200, 100), (100, 1500), (250, 1000)):
+        image = smooth.resize(shape, Image.Resampling.BICUBIC)
+        ours, full = ImagePreprocessor(config).transform(image), _resize_then_crop(image, config)
+        assert np.abs(ours - full).max() < 0.05  # under 3 grey levels, in normalised units
+
+
+def test_absurd_aspect_ratios_are_refused_from_the_header(tmp_path):
+    Image.new("RGB", (1, 16000)).save(tmp_path / "strip.png")
+    with pytest.raises(InputError, match=r"strip.png: 1x16000 has an aspect ratio of 16000:1, beyond the 20:1"):
+        load_image(tmp_path / "strip.png")
+    assert load_image(Image.new("RGB", (2000, 100))).size == (2000, 100)  # 20:1 passes
+    with pytest.raises(InputError, match="aspect ratio of 21:1"):
+        load_image(Image.new("RGB", (2100, 100)))
+
+
+# -- colour modes ----------------------------------------------------------------------------------
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    from bad_inputs import png16
+
+    values = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")  # Pillow writes mode I;16 as a 16-bit PNG
+    Image.fromarray((values >> 8).astype(np.uint8)).save(tmp_path / "grey8.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    sixteen = np.asarray(load_image(tmp_path / "grey16.png")).astype(int)
+    eight = np.asarray(load_image(tmp_path / "grey8.png")).astype(int)
+    assert np.abs(sixteen - eight).max() <= 1 and abs(sixteen.mean() - 127.5) < 1
+    big_endian = load_image(png16(values))  # a hand-made PNG decodes the same
+    assert np.array_equal(np.asarray(big_endian), sixteen)
+
+
+def test_16_bit_rgb_png_equals_its_8_bit_version():
+    from bad_inputs import png16
+
+    values = (np.random.default_rng(0).random((20, 30, 3)) * 65535).astype(np.uint16)
+    assert np.array_equal(np.asarray(load_image(png16(values))), values >> 8)
+
+
+def test_float_and_32_bit_images_are_scaled_into_8_bits(tmp_path):
+    ramp = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "float.tif")
+    got = np.asarray(load_image(tmp_path / "float.tif"))[..., 0]
+    assert got.min() == 0 and got.max() == 255 and np.array_equal(got, np.rint(ramp * 255).astype(np.uint8))
+    wide = Image.fromarray((np.arange(256, dtype=np.int32).reshape(16, 16) - 100) * 1000)  # -100000..155000
+    stretched = np.asarray(load_image(wide))[..., 0]
+    assert stretched.min() == 0 and stretched.max() == 255 and np.all(np.diff(stretched.ravel().astype(int)) >= 0)
+
+
+def test_transparency_is_composited_on_white_and_opaque_alpha_changes_nothing():
+    rgba = np.zeros((10, 20, 4), dtype=np.uint8)
+    rgba[:, 10:] = (200, 30, 40, 255)
+    image = load_image(Image.fromarray(rgba))
+    assert image.getpixel((2, 2)) == (255, 255, 255) and image.getpixel((15, 2)) == (200, 30, 40)
+    opaque = random_image(1).convert("RGBA")
+    assert np.array_equal(np.asarray(load_image(opaque)), np.asarray(random_image(1)))
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    palette.info["transparency"] = 0
+    assert load_image(palette).getpixel((1, 1)) == (255, 255, 255)
+    grey_alpha = Image.merge("LA", (Image.new("L", (4, 4), 0), Image.new("L", (4, 4), 0)))
+    assert load_image(grey_alpha).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_cmyk_jpeg_keeps_its_colours(tmp_path):
+    Image.new("RGB", (32, 32), (220, 20, 30)).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    pixel = load_image(tmp_path / "cmyk.jpg").getpixel((5, 5))
+    assert all(abs(a - b) <= 12 for a, b in zip(pixel, (220, 20, 30)))
+
+
+def test_huge_jpegs_decode_at_a_reduced_scale_and_keep_their_size(tmp_path, monkeypatch):
+    from mmretrieve import images
+
+    monkeypatch.setattr(images, "DRAFT_PIXELS", 100_000)
+    monkeypatch.setattr(images, "DRAFT_SIDE", 100)
+    random_image(0, (800, 600)).save(tmp_path / "big.jpg")
+    image = load_image(tmp_path / "big.jpg")
+    assert image.size == (200, 150) and image.info["source_size"] == (800, 600)
+
+
+# -- only regular files are read, and only so much of them -------------------------------------------
+
+def _in_thread(function, *args):
+    """Run ``function`` and return what it returned or raised, failing (not hanging) after 20 s."""
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            result["value"] = function(*args)
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    return thread, result
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    thread, result = _in_thread(load_image, fifo)
+    if thread.is_alive():  # the old reader blocks in open(): release it before failing
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("reading a FIFO blocked")
+    assert isinstance(result.get("error"), InputError) and "is a FIFO (named pipe)" in str(result["error"])
+
+
+def test_devices_folders_and_oversized_files_are_refused_before_reading(tmp_path):
+    import os
+
+    from mmretrieve.images import read_image_file
+
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    with pytest.raises(InputError, match="zero.jpg: is a device, not an image file"):
+        load_image(tmp_path / "zero.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(InputError, match="dir.jpg: is a folder"):
+        load_image(tmp_path / "dir.jpg")
+    (tmp_path / "big.jpg").write_bytes(b"x" * 2000)
+    with pytest.raises(InputError, match=r"over the .* MB limit for an image file \(2000 bytes\)"):
+        read_image_file(tmp_path / "big.jpg", limit=1000)
+    with open(tmp_path / "huge.jpg", "wb") as handle:
+        handle.truncate((256 << 20) + 1)  # sparse
+    with pytest.raises(InputError, match="over the 256 MB limit"):
+        load_image(tmp_path / "huge.jpg")
+
+
+def test_decoding_dev_zero_stays_within_a_small_memory_limit(tmp_path):
+    """The indexer's reader on a link to /dev/zero, in a process that may use 1 GB at most."""
+    import os
+    import subprocess
+    import sys
+
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+            "from mmretrieve.index.decode import decode_one; print(decode_one(sys.argv[1], object()).error)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "zero.jpg")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "is a device, not an image file", done.stderr[-500:]
+
+
+def test_decode_one_turns_every_failure_into_a_reason(tmp_path):
+    from mmretrieve.index.decode import decode_one
+
+    random_image(0).save(tmp_path / "ok.png")
+
+    class Exhausted:
+        def transform(self, image):
+            raise MemoryError
+
+    class Broken:
+        def transform(self, image):
+            raise RuntimeError("boom")
+
+    out_of_memory = decode_one(str(tmp_path / "ok.png"), Exhausted())
+    assert out_of_memory.error == "ran out of memory while decoding it" and len(out_of_memory.sha256) == 64
+    assert decode_one(str(tmp_path / "ok.png"), Broken()).error == "could not be decoded (RuntimeError: boom)"

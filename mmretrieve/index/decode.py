@@ -11,8 +11,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import InputError
-from ..images import load_image
+from ..images import ImageInputError, load_image, read_image_file
 
 _preprocessor = None  # set in each worker by _init_worker
 
@@ -34,19 +33,23 @@ def _init_worker(preprocessor) -> None:
 
 
 def decode_one(path: str, preprocessor=None) -> Decoded:
-    """Read the file once: hash its bytes, decode, preprocess; a failure becomes a reason."""
+    """Read the file once: hash its bytes, decode, preprocess. Never raises: any failure
+    (a special or oversized file, a corrupt image, running out of memory) becomes a reason."""
     preprocessor = preprocessor or _preprocessor
+    digest = None
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        return Decoded(path, None, error=f"unreadable ({exc.strerror or exc})")
-    digest = hashlib.sha256(data).hexdigest()
-    try:
+        data = read_image_file(path)
+        digest = hashlib.sha256(data).hexdigest()
         image = load_image(data, name=path)
-    except InputError as exc:
-        return Decoded(path, None, sha256=digest, error=str(exc).split(": ", 1)[-1])
-    return Decoded(path, preprocessor.transform(image), image.width, image.height, digest)
+        del data
+        width, height = image.info.get("source_size", image.size)
+        return Decoded(path, preprocessor.transform(image), width, height, digest)
+    except ImageInputError as exc:
+        return Decoded(path, None, sha256=digest, error=exc.reason)
+    except MemoryError:
+        return Decoded(path, None, sha256=digest, error="ran out of memory while decoding it")
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop a run of thousands
+        return Decoded(path, None, sha256=digest, error=f"could not be decoded ({type(exc).__name__}: {exc})")
 
 
 def ordered_map(function: Callable[[Any], Any], items: Iterable[Any], workers: int, initializer=None,
