@@ -13,7 +13,7 @@ synthetic unit vectors written through the index store API (the same SQLite + FA
 nothing more). The first process of each kind warms the page cache and is not counted.
 Prints Markdown tables.
 
-    python benchmarks/onnx_runtime.py --model /work/runs/frozen-heads/best [--rounds 3] [--work DIR]
+    python benchmarks/onnx_runtime.py --model runs/frozen-heads/best [--rounds 3] [--work DIR]
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def print_tables(rows: list[dict], cold: list[dict], meta: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="/work/runs/frozen-heads/best", help="a bundle (minilm-l6 + efficientnet-lite0)")
+    parser.add_argument("--model", default="runs/frozen-heads/best",
+                        help="a bundle (minilm-l6 + efficientnet-lite0), e.g. from the README's example training config")
     parser.add_argument("--work", help="where the exports and the index go (default: a temporary folder)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--index-size", type=int, default=10_000)

@@ -159,3 +159,22 @@ def test_info_on_an_int8_export_shows_its_own_agreement_and_recall_gate(bundle, 
     unchecked = invoke("info", tmp_path / "int8")
     assert "recall:       not checked; this int8 export was written with --force and no --eval-data" in unchecked.stdout
     assert json.loads(invoke("info", tmp_path / "int8", "--json").stdout)["checks"]["recall"] is None
+
+
+def test_docs_and_code_cite_no_paths_of_the_machine_they_were_written_on():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    machine_path = re.compile(r"(?<![\w.~-])/(?:work|root|home/\w+|Users/\w+)/")
+    suffixes = {".md", ".py", ".toml", ".txt", ".json", ".yml", ".yaml", ".js", ".html", ".cfg", ".ini"}
+    places = [root / "README.md", *(root / name for name in ("docs", "benchmarks", "plugins", "mmretrieve", "index",
+                                                             "deploy", "tools", "tests"))]
+    hits = []
+    for place in places:
+        files = [place] if place.is_file() else sorted(place.rglob("*")) if place.is_dir() else []
+        for file in files:
+            if file.is_file() and (file.suffix in suffixes or file.name.startswith("Dockerfile")) \
+                    and file != Path(__file__).resolve() and ".venv" not in file.parts:
+                text = file.read_text(errors="replace")
+                hits += [f"{file.relative_to(root)}: {m.group(0)}" for m in machine_path.finditer(text)]
+    assert not hits, hits

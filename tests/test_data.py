@@ -13,7 +13,7 @@ from conftest import BAD_IMAGES, GOOD_IMAGES, random_image
 from mmretrieve.data import CaptionedImage, CaptionSet, load_captions, split_by_image
 from mmretrieve.errors import InputError
 
-FLICKR_DEV = Path("/work/shared/data/flickr8k-dev/captions.jsonl")
+FLICKR_DEV = Path(__file__).resolve().parents[2] / "shared/data/flickr8k-dev/captions.jsonl"  # ../shared beside the repo
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
