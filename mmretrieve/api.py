@@ -69,9 +69,13 @@ class Index:
                             min_score)
 
     def update(self, root: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
-               captions: str | Path | None = None, **options: Any) -> IndexReport:
-        """Bring the index in line with ``root``; a fused index keeps its fusion and captions file."""
-        report = _index(root, self.folder, self.reader.embedder, tuple(include), tuple(exclude), captions, options)
+               captions: str | Path | None = None, follow_links: bool = False, prune: bool = False,
+               **options: Any) -> IndexReport:
+        """Bring the index in line with ``root``; a fused index keeps its fusion and captions file.
+        ``follow_links``: also follow links leaving ``root``; ``prune``: allow removing more than a
+        fifth of the items under ``root`` (an InputError otherwise)."""
+        report = _index(root, self.folder, self.reader.embedder, tuple(include), tuple(exclude), captions,
+                        {**options, "follow_links": follow_links, "prune": prune})
         self.reader.refresh()
         return report
 
@@ -107,11 +111,18 @@ def _index(root, folder: Path, embedder, include, exclude, captions, options: di
 
 
 def build_index(root: str | Path, model: str, index_dir: str | Path | None = None, runtime: str = "auto",
-                device: str | None = None, captions: str | Path | None = None, **options: Any) -> Index:
+                device: str | None = None, captions: str | Path | None = None, follow_links: bool = False,
+                prune: bool = False, **options: Any) -> Index:
     """Create (or update) an image index for a folder with a model, and open it. With ``captions``
     (a data file) and ``fusion`` (a strategy name; ``weights``, ``fusion_bundle``) each image is
-    indexed fused with its first caption."""
+    indexed fused with its first caption. Links inside ``root`` are followed, and with
+    ``follow_links`` those leaving it too; ``prune`` allows a run to remove more than a fifth of
+    the items under ``root``."""
+    from .index.scan import check_root
     from .runtime import load_embedder
+
+    check_root(user_path(root))  # a missing folder fails before a model is loaded
+    options.update(follow_links=follow_links, prune=prune)
 
     folder = user_path(index_dir or default_index_dir("image")).resolve()
     embedder = load_embedder(_model(model), runtime, device)

@@ -400,9 +400,14 @@ def default_model_name(folder: Path) -> str:
               help="torch, onnx (see `mmretrieve plugins`), or auto: onnx for an export folder, else torch.")
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (needed to switch models).")
+@click.option("--follow-links", is_flag=True,
+              help="Also follow links that point outside PATH (links inside it are always followed).")
+@click.option("--prune", is_flag=True,
+              help="Allow this run to remove more than a fifth of the items under PATH (files gone or no longer included).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def index(path, model_ref, index_dir, include, exclude, index_type, memory_budget, captions_file, fusion, weights,
-          fusion_bundle, texts_file, batch_size, workers, commit_every, runtime, device, rebuild, as_json):
+          fusion_bundle, texts_file, batch_size, workers, commit_every, runtime, device, rebuild, follow_links, prune,
+          as_json):
     """Embed a folder of images (or a captions file) into a FAISS index.
 
     Re-running indexes only new or changed files and drops vanished ones; a killed run
@@ -417,6 +422,12 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
         raise click.UsageError("give a PATH of images to index, or --texts FILE to index captions")
     if texts_file and (fusion or weights or fusion_bundle):
         raise click.UsageError("--fusion fuses images with their captions; it does not apply to --texts")
+    if texts_file and (follow_links or prune):
+        raise click.UsageError("--follow-links and --prune apply to a folder of images, not to --texts")
+    if path:
+        from .index.scan import check_root
+
+        check_root(path)  # a mistyped folder fails before a model is loaded or an index folder made
     folder = Path(index_dir) if index_dir else default_index_dir("text" if texts_file else "image")
     if not model_ref:
         if (folder / MANIFEST).is_file():
@@ -438,18 +449,21 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
         workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
         report = index_images(path, folder, embedder, include, exclude, index_type, batch_size, workers, commit_every,
                               captions, rebuild, memory_budget=_parse_size(memory_budget), fusion=strategy,
-                              captions_source=source)
+                              captions_source=source, follow_links=follow_links, prune=prune)
     if as_json:
         echo_json(report.__dict__)
         return
     click.echo(f"{report.index_dir}: {report.total} items ({report.index_type}, generation {report.generation}); "
                f"added {report.added}, updated {report.updated}, removed {report.removed}, "
-               f"unchanged {report.unchanged}, failed {len(report.failed)}; "
-               f"{report.seconds:.1f}s, {report.items_per_s:.1f} items/s")
+               f"unchanged {report.unchanged}, failed {len(report.failed)}"
+               + (f", skipped {len(report.skipped)}" if report.skipped else "")
+               + f"; {report.seconds:.1f}s, {report.items_per_s:.1f} items/s")
     if report.uncaptioned:
         click.echo(f"{report.uncaptioned} images had no caption and are indexed by the image alone", err=True)
     for failure in report.failed:
         click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
+    for skip in report.skipped:
+        click.echo(f"skipped {skip['path']}: {skip['reason']}", err=True)
 
 
 @cli.command()

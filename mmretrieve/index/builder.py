@@ -12,6 +12,7 @@ With a fusion strategy each image is indexed as one item made of the image and i
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..errors import InputError
 from ..progress import progress_bar
 from .decode import _init_worker, decode_one, ordered_map
 from .lock import WriterLock
-from .scan import FileState, plan_changes, scan_files
+from .scan import FileState, check_removal, check_root, plan_changes, scan_files
 from .store import MANIFEST, IndexStore, Item
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class IndexReport:
     unchanged: int = 0
     touched: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # not read: links, special or unreadable files
     uncaptioned: int = 0  # fused index: images embedded without a caption (indexed by the image alone)
     total: int = 0
     generation: int = 0
@@ -148,18 +150,22 @@ def index_images(root: str | Path, index_dir: str | Path, embedder, include: tup
                  exclude: tuple[str, ...] = (), index_type: str = "auto", batch_size: int = 32,
                  workers: int = 1, commit_every: int = 5000, captions: dict[str, list[str]] | None = None,
                  rebuild: bool = False, progress: bool = True, memory_budget: int | None = None,
-                 fusion=None, captions_source: str | None = None) -> IndexReport:
+                 fusion=None, captions_source: str | None = None, follow_links: bool = False,
+                 prune: bool = False) -> IndexReport:
     """``captions``: {resolved image path: captions}, stored with each item; ``fusion`` (a strategy
-    from ``mmretrieve.fusion.resolve``) makes every item the image fused with its first caption."""
+    from ``mmretrieve.fusion.resolve``) makes every item the image fused with its first caption.
+    ``follow_links``: follow links that leave ``root`` too; ``prune``: allow a run to remove more
+    than a fifth of the items under ``root`` (see ``scan.check_removal``)."""
     started = time.perf_counter()
     index_dir = Path(index_dir)
     if fusion is not None and captions is None:
         raise InputError("a fused index joins each image with its caption; give the captions (--captions FILE)")
+    check_root(root)  # before the lock creates the index folder
     with WriterLock(index_dir):
         store = open_or_create(index_dir, embedder, "image", index_type, rebuild, fusion, captions_source)
         try:
             return _index_images(store, Path(root), embedder, include, exclude, batch_size, workers, commit_every,
-                                 captions, progress, memory_budget, started, fusion)
+                                 captions, progress, memory_budget, started, fusion, follow_links, prune)
         finally:
             store.close()
 
@@ -179,6 +185,18 @@ def _recaptioned(store: IndexStore, found: list[FileState], plan, captions: dict
     return []
 
 
+def _captions_by_found_path(captions: dict[str, list[str]], found: list[FileState]) -> dict[str, list[str]]:
+    """Captions are keyed by resolved image paths, files by the path they were found at (a link's
+    own path): give each found file its target's captions too."""
+    extra = {}
+    for state in found:
+        if state.path not in captions:
+            resolved = os.path.realpath(state.path)
+            if resolved in captions:
+                extra[state.path] = captions[resolved]
+    return {**captions, **extra} if extra else captions
+
+
 def _record_root(store: IndexStore, root: Path) -> bool:
     """Add the scanned folder (or file), absolute and resolved, to manifest["roots"]: the places
     this index's images come from, which serve uses as its default root. True when it was new."""
@@ -191,13 +209,17 @@ def _record_root(store: IndexStore, root: Path) -> bool:
 
 
 def _index_images(store: IndexStore, root: Path, embedder, include, exclude, batch_size, workers, commit_every,
-                  captions, progress, memory_budget, started, fusion=None) -> IndexReport:
-    found = scan_files(root, include, exclude)
+                  captions, progress, memory_budget, started, fusion=None, follow_links=False,
+                  prune=False) -> IndexReport:
+    scan = scan_files(root, include, exclude, follow_links=follow_links)
+    found = scan.files
     if not found and not store.count():
         raise InputError(f"{root}: no image files to index (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     known = store.known_files()
-    plan = plan_changes(found, known, scope=str(root.resolve()))
+    plan = plan_changes(found, known, scope=str(root.resolve()), kept=scan.kept)
+    check_removal(plan, str(root.resolve()), prune)  # before anything changes
     if captions is not None:
+        captions = _captions_by_found_path(captions, found)
         plan.re_embed(_recaptioned(store, found, plan, captions, fusion is not None))
     if plan.touched:
         store.touch([(state.size, state.mtime_ns, state.path) for state, _ in plan.touched])
@@ -211,7 +233,7 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
         else:
             todo.append(state)
     report = IndexReport(str(store.folder), unchanged=plan.unchanged, touched=len(plan.touched),
-                         failed=still_failed)
+                         failed=still_failed, skipped=scan.skipped + plan.skipped)
     embedded = _embed_files(store, todo, embedder, batch_size, workers, commit_every, captions or {}, progress, report,
                             memory_budget, fusion)
     failed = {f["path"] for f in report.failed}
@@ -233,6 +255,8 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     report.items_per_s = round(embedded / report.seconds, 2) if report.seconds else 0.0
     for failure in report.failed:
         log.warning("skipped %s: %s", failure["path"], failure["reason"])
+    for skip in report.skipped:
+        log.info("skipped %s: %s", skip["path"], skip["reason"])
     return report
 
 
@@ -319,14 +343,23 @@ def index_texts(captions_file: str | Path, index_dir: str | Path, embedder, inde
             store.close()
 
 
+def _recorded_path(path: str | Path, known) -> str | None:
+    """The indexed path ``path`` names: as written (a link is recorded under its own name), with
+    its folder resolved, or resolved entirely; None if it is not indexed."""
+    absolute = os.path.abspath(path)
+    candidates = (absolute, os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute)),
+                  os.path.realpath(absolute))
+    return next((c for c in candidates if c in known), None)
+
+
 def remove_files(index_dir: str | Path, paths: list[str | Path], memory_budget: int | None = None) -> int:
     """Drop files from an index (as if they had vanished); returns how many were indexed."""
     index_dir = Path(index_dir)
     with WriterLock(index_dir):
         store = IndexStore.open(index_dir)
         try:
-            wanted = [str(Path(p).resolve()) for p in paths]
-            present = [p for p in wanted if p in store.known_files()]
+            known = store.known_files()
+            present = list(dict.fromkeys(filter(None, (_recorded_path(p, known) for p in paths))))
             if present or store.count("staged"):
                 publish(store, present, memory_budget)
             return len(present)
