@@ -102,7 +102,7 @@ def test_scan_takes_regular_files_once_and_lists_every_link_and_special_file_it_
     assert "outside the folder; pass --follow-links" in why["out.png"] and "outside the folder" in why["zero.jpg"]
     assert why["dangling.png"].startswith("a dangling link")
     assert why["loop"].startswith("a link loop") and why["self.png"].startswith("a link loop")
-    assert why["pipe.jpg"] == "a FIFO (named pipe), not an image file"
+    assert why["pipe.jpg"] == "is a FIFO (named pipe), not an image file"
 
 
 def test_follow_links_indexes_outside_targets_under_the_links_own_path_but_never_reads_a_device(linked_folder):
@@ -110,7 +110,7 @@ def test_follow_links_indexes_outside_targets_under_the_links_own_path_but_never
     assert [os.path.basename(s.path) for s in scan.files] == ["img00.png", "img01.png", "out.png"]
     assert scan.files[-1].path == str(linked_folder.resolve() / "out.png")  # recorded as found, not resolved
     why = reasons(scan.skipped)
-    assert why["zero.jpg"] == "a device, not an image file" and why["pipe.jpg"].startswith("a FIFO")
+    assert why["zero.jpg"] == "is a device, not an image file" and why["pipe.jpg"].startswith("is a FIFO")
     assert "out.png" not in why
 
 
@@ -160,7 +160,7 @@ def test_cli_index_lists_skips_in_the_summary_and_in_json(linked_folder, tmp_pat
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "failed 0, skipped 7;" in result.stdout
-    assert f"skipped {linked_folder / 'pipe.jpg'}: a FIFO (named pipe), not an image file" in result.stderr
+    assert f"skipped {linked_folder / 'pipe.jpg'}: is a FIFO (named pipe), not an image file" in result.stderr
     result = CliRunner().invoke(cli, args + ["--json", "--follow-links"])
     report = json.loads(result.stdout)
     assert report["added"] == 1 and len(report["skipped"]) == 6
@@ -279,3 +279,10 @@ def test_api_checks_the_folder_before_loading_a_model_and_takes_prune(tmp_path, 
     with pytest.raises(InputError, match="would remove 20 of the 30"):
         index.update(root, include=["img2*"], workers=0, progress=False)
     assert index.update(root, include=["img2*"], prune=True, workers=0, progress=False).removed == 20
+
+
+def test_a_fifo_given_as_the_folder_is_refused_without_being_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it for reading would wait for a writer forever
+    with pytest.raises(InputError, match="pipe.jpg is a FIFO"):
+        build(tmp_path / "pipe.jpg", tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()

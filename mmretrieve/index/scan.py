@@ -22,15 +22,12 @@ from typing import Iterable
 
 from ..errors import InputError
 from ..formats import sha256_file
-from ..images import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES, special_file_reason
 
 # A run may remove at most this many items under its folder, or this share of them, whichever
 # is larger, without --prune: more looks like an unmounted disk or a narrowed --include.
 PRUNE_MIN_ITEMS = 10
 PRUNE_SHARE = 0.2
-
-_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-            (stat.S_ISBLK, "a device"))
 
 
 @dataclass(frozen=True)
@@ -75,10 +72,6 @@ def _matches(relative: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def _special(mode: int) -> str:
-    return next((kind for test, kind in _SPECIAL if test(mode)), "not a regular file")
-
-
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
@@ -93,8 +86,8 @@ def check_root(root: str | Path) -> Path:
         raise InputError(f"{root}: no such file or folder") from None
     except OSError as exc:
         raise InputError(f"{root}: cannot be read ({exc.strerror or exc}); check its permissions") from None
-    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-        raise InputError(f"{root} is {_special(mode)}, not an image file or a folder of images")
+    if not stat.S_ISDIR(mode) and special_file_reason(mode):
+        raise InputError(f"{root} {special_file_reason(mode)} nor a folder of images")
     return root
 
 
@@ -173,8 +166,8 @@ class _Walker:
         return False
 
     def add_file(self, path: str, info: os.stat_result) -> None:
-        if not stat.S_ISREG(info.st_mode):
-            self.skip(path, f"{_special(info.st_mode)}, not an image file")
+        if special_file_reason(info.st_mode):
+            self.skip(path, special_file_reason(info.st_mode))
             return
         key = (info.st_dev, info.st_ino)
         if key in self.files:
@@ -220,16 +213,16 @@ def scan_files(root: Path, include: tuple[str, ...] = (), exclude: tuple[str, ..
 
 
 def _unreadable(path: str) -> str | None:
-    """Why a file cannot be opened for reading (None when it can); a FIFO does not block it."""
+    """Why a file cannot be read (None when it can); opened non-blocking, so a FIFO put in its
+    place since the scan does not hang the run."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return f"cannot be read ({exc.strerror or exc})"
     try:
-        mode = os.fstat(fd).st_mode
+        return special_file_reason(os.fstat(fd).st_mode)
     finally:
         os.close(fd)
-    return None if stat.S_ISREG(mode) else f"it is now {_special(mode)}"
 
 
 def plan_changes(found: list[FileState], known: dict[str, tuple[int, int, str | None]],
@@ -256,10 +249,10 @@ def plan_changes(found: list[FileState], known: dict[str, tuple[int, int, str | 
                     plan.touched.append((state, record[2]))
                     continue
             except OSError as exc:
-                problem = exc.strerror or str(exc)
+                problem = f"cannot be read ({exc.strerror or exc})"
         if problem is not None:
             kept_note = "; what was indexed for it is kept" if record is not None else ""
-            plan.skipped.append({"path": state.path, "reason": f"cannot be read ({problem}){kept_note}"})
+            plan.skipped.append({"path": state.path, "reason": problem + kept_note})
         elif record is None:
             plan.new.append(state)
         else:
