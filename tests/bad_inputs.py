@@ -186,7 +186,7 @@ def make_corpus(root: Path) -> list[Case]:
         handle.truncate((256 << 20) + 1)
     add(Case("file over 256 MB", "huge.jpg", False, "256 mb limit", upload=None))
     os.symlink("/dev/zero", root / "dev_zero.jpg")
-    add(Case("link to /dev/zero", "dev_zero.jpg", False, "device", upload=None))
+    add(Case("link to /dev/zero", "dev_zero.jpg", False, "device", upload=None, listed="outside the folder", scan=True))
     os.mkfifo(root / "fifo.jpg")
     add(Case("FIFO", "fifo.jpg", False, "fifo", upload=None))
     (root / "folder.jpg").mkdir()

@@ -19,9 +19,10 @@ from typing import BinaryIO
 from PIL import Image, ImageOps
 
 from ..atomic import write_bytes_atomic
+from ..images import to_rgb
 from .problems import RequestProblem
 
-FORMAT_VERSION = 1  # bump when the way thumbnails are made changes, to retire old files
+FORMAT_VERSION = 2  # bump when the way thumbnails are made changes, to retire old files
 QUALITY = 82
 
 
@@ -61,21 +62,15 @@ def render_thumbnail(handle: BinaryIO, size: int, max_pixels: int) -> bytes:
                 image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale directly
                 image.seek(0)
                 oriented = ImageOps.exif_transpose(image)
+                if oriented.mode == "F" or oriented.mode.startswith("I"):
+                    oriented = to_rgb(oriented)  # scaled to 8 bits first: Pillow cannot resample I;16
                 oriented.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-                picture = _flatten(oriented)
+                picture = to_rgb(oriented)  # transparency on white, as the search sees the image
     except RequestProblem:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+    except Exception:  # noqa: BLE001 - whatever Pillow raises on a file that changed or broke
         raise RequestProblem(422, "this file can no longer be read as an image") from None
     out = io.BytesIO()
     picture.save(out, "JPEG", quality=QUALITY, optimize=True, progressive=True)
     return out.getvalue()
 
-
-def _flatten(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image if image.mode == "RGB" else image.convert("RGB")

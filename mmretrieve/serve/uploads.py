@@ -14,8 +14,7 @@ from typing import AsyncIterator
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InputError
-from ..images import load_image
+from ..images import MAX_ASPECT, ImageInputError, check_shape, load_image
 from .problems import RequestProblem
 
 FIELD = "image"
@@ -81,7 +80,8 @@ async def _from_form(request, limit: int) -> tuple[bytes, str]:
 
 
 def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """The uploaded image, upright and RGB: 415 if it is no image, 413 if it has too many pixels."""
+    """The uploaded image, upright and RGB: 415 if it is no image, 413 if it has too many pixels,
+    422 for a shape no photo has (beyond ``images.MAX_ASPECT``), 400 if its pixels are unreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -92,12 +92,15 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
                                   f"(JPEG, PNG, WebP, BMP, GIF or TIFF)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise RequestProblem(413, f"{name} has more pixels than this server accepts ({max_pixels})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, struct.error...: the bytes' fault, not ours
         raise RequestProblem(400, f"{name} is an unreadable image ({exc})") from None
     if width * height > max_pixels:
         raise RequestProblem(413, f"{name} is {width}x{height}, more than this server's limit of "
                                   f"{max_pixels} pixels")
+    shape = check_shape(width, height, max_pixels)
+    if shape:  # a thin strip: refused from the header, before a pixel is decoded
+        raise RequestProblem(422, f"{name}: {shape}; crop it to at most {MAX_ASPECT:g}:1")
     try:
         return load_image(data, max_pixels=max_pixels, name=name)
-    except InputError as exc:  # truncated or corrupt pixel data
+    except ImageInputError as exc:  # truncated or corrupt pixel data
         raise RequestProblem(400, str(exc)) from None
