@@ -30,3 +30,15 @@ class ConfigError(MMRetrieveError):
 
 class InputError(MMRetrieveError):
     """Input data (images, captions, texts) that cannot be used."""
+
+
+class IndexDamagedError(InputError):
+    """An index folder whose files are missing, truncated or overwritten; rebuilding it recovers.
+
+    ``problem`` is what was found, without the remedy, so a caller that knows more (the index
+    folder around a damaged vector folder) can say it again in its own sentence.
+    """
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message

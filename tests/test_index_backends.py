@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmretrieve.errors import ConfigError, InputError, UnknownNameError
+from mmretrieve.errors import ConfigError, IndexDamagedError, InputError, UnknownNameError
 from mmretrieve.index.backends import (
     FlatIndex,
     HNSWIndex,
@@ -350,8 +350,11 @@ def test_loading_a_folder_of_another_kind_or_a_corrupt_one(tmp_path):
 
     graph = folder / "hnsw.faiss"
     graph.write_bytes(graph.read_bytes()[:1000])
-    with pytest.raises(InputError, match="cannot be read"):
-        load_index(folder)
+    with pytest.raises(IndexDamagedError, match="hnsw.faiss holds 1,000 bytes, index.json recorded"):
+        load_index(folder)  # the recorded size catches a truncated file before faiss reads it
+    meta.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "files"}))
+    with pytest.raises(IndexDamagedError, match="cannot be read"):
+        load_index(folder)  # a folder saved before sizes were recorded: faiss refuses the file
     graph.unlink()
     with pytest.raises(InputError, match="hnsw.faiss is missing"):
         load_index(folder)
@@ -362,8 +365,12 @@ def test_ivfpq_folder_with_mismatched_files_is_refused(tmp_path):
     index.save(tmp_path / "p")
     vectors = tmp_path / "p" / "vectors.f32"
     vectors.write_bytes(vectors.read_bytes()[: 4 * DIM * 10])
-    with pytest.raises(InputError, match="vectors.f32 has 10 rows"):
+    with pytest.raises(IndexDamagedError, match=f"vectors.f32 holds {4 * DIM * 10:,} bytes"):
         load_index(tmp_path / "p")
+    meta = tmp_path / "p" / "index.json"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "files"}))
+    with pytest.raises(IndexDamagedError, match="vectors.f32 has 10 rows"):
+        load_index(tmp_path / "p")  # without recorded sizes the backend's own check still refuses it
 
 
 # -- auto --------------------------------------------------------------------------------------

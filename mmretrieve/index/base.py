@@ -1,9 +1,11 @@
 """What every vector index shares: input checks, the id table, result padding and the folder format.
 
 An index folder holds ``index.json`` (format, format_version, mmretrieve_version, kind, dim,
-options, count) next to the files
-the backend writes. Each file is written atomically and ``index.json`` last, with the count
-it expects, so a save interrupted between files is detected on load rather than read half-new.
+options, count, files) next to the files the backend writes; ``files`` records the size and
+SHA-256 of each of them ({name: {"size", "sha256"}}; folders saved before it have none). Each
+file is written atomically and ``index.json`` last, with the count it expects, so a save
+interrupted between files is detected on load rather than read half-new; a file whose size
+differs from the recorded one is refused on load, and ``mmretrieve.index.verify`` re-hashes them.
 Callers that need the whole folder to switch at once wrap the save in
 ``mmretrieve.atomic.atomic_directory``.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,8 +22,8 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..errors import ConfigError, InputError
-from ..formats import check_format
+from ..errors import ConfigError, IndexDamagedError, InputError
+from ..formats import check_format, sha256_file
 from .idmap import SortedIds
 
 META_FILE = "index.json"
@@ -37,16 +40,57 @@ def read_meta(folder: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{folder} is not a vector index folder: {META_FILE} is missing") from None
+        raise _damaged(folder, f"{META_FILE} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} cannot be read as JSON ({exc}); the index is corrupt, rebuild it") from exc
+        raise _damaged(folder, f"{META_FILE} cannot be read as JSON ({exc})") from exc
     if not isinstance(meta, dict):
-        raise InputError(f"{path} is not an mmretrieve vector index description")
+        raise _damaged(folder, f"{META_FILE} is not an mmretrieve vector index description")
     check_format(meta, Path(folder), FORMAT_NAME, FORMAT_VERSION, "vector index", InputError)
     for key, kind in (("kind", str), ("dim", int), ("options", dict), ("count", int)):
         if not isinstance(meta.get(key), kind):
-            raise InputError(f"{path}: {key!r} is missing or not a {kind.__name__}; the index is corrupt")
+            raise _damaged(folder, f"{META_FILE}: {key!r} is missing or not a {kind.__name__}")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+            for entry in files.values()):
+        raise _damaged(folder, f"{META_FILE}: 'files' is not a table of sizes and SHA-256 hashes")
     return meta
+
+
+def _damaged(folder: Path, problem: str) -> IndexDamagedError:
+    return IndexDamagedError(f"the vector index {folder} is damaged: {problem}; rebuild the index", problem)
+
+
+def recorded_files(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{file name: {"size", "sha256"}} as ``save`` recorded them; empty for folders saved before
+    hashes were recorded."""
+    return dict(meta.get("files", {}))
+
+
+def mismatched_file(folder: Path, meta: dict[str, Any], hashes: bool = True) -> str | None:
+    """What is wrong with the first recorded file that is missing, of another size or (with
+    ``hashes``) of other contents; None when every one matches."""
+    folder = Path(folder)
+    for name, expected in recorded_files(meta).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} holds {size:,} bytes, {META_FILE} recorded {expected['size']:,}"
+        if hashes and sha256_file(path) != expected["sha256"]:
+            return f"{name} does not match its recorded SHA-256 (its contents changed)"
+    return None
+
+
+def _file_states(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """{name: (inode, size, mtime_ns)} of the visible regular files in ``folder``."""
+    states = {}
+    for path in folder.iterdir():
+        if path.name != META_FILE and not path.name.startswith(".") and path.is_file():
+            stat = path.stat()
+            states[path.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return states
 
 
 def as_ids(ids: Any) -> np.ndarray:
@@ -213,9 +257,15 @@ class VectorIndex(abc.ABC):
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        before = _file_states(folder)
         self._save_files(folder)
+        # The files this save wrote (new, or replaced: atomic writes change the inode), not
+        # leftovers of another save into the same folder.
+        written = sorted(name for name, state in _file_states(folder).items() if before.get(name) != state)
+        files = {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+                 for name in written}
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "mmretrieve_version": __version__,
-                "kind": self.kind, "dim": self.dim, "options": self.options, "count": len(self)}
+                "kind": self.kind, "dim": self.dim, "options": self.options, "count": len(self), "files": files}
         write_text_atomic(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -229,18 +279,20 @@ class VectorIndex(abc.ABC):
         try:
             index = cls(meta["dim"], **meta["options"])
         except ConfigError as exc:
-            raise InputError(f"{folder / META_FILE} has invalid options: {exc}") from exc
+            raise _damaged(folder, f"{META_FILE} has invalid options ({exc})") from exc
+        wrong = mismatched_file(folder, meta, hashes=False)  # sizes only: a stat per file, no reading
+        if wrong:
+            raise _damaged(folder, wrong)
         try:
             index._load_files(folder, mmap)
         except FileNotFoundError as exc:
-            missing = Path(exc.filename).name
-            raise InputError(f"{folder} is incomplete: {missing} is missing; rebuild the index") from exc
+            raise _damaged(folder, f"{Path(exc.filename).name} is missing") from exc
         except (OSError, ValueError, RuntimeError) as exc:  # faiss reports corrupt files as RuntimeError
-            raise InputError(f"{folder} cannot be read ({type(exc).__name__}: {exc}); rebuild the index") from exc
+            raise _damaged(folder, f"its files cannot be read ({type(exc).__name__}: {_first_line(exc)})") from exc
         index.read_only = mmap
         if len(index) != meta["count"]:
-            raise InputError(f"{folder} is inconsistent: {META_FILE} says {meta['count']} vectors, the data "
-                             f"holds {len(index)} (a save was interrupted?); rebuild the index")
+            raise _damaged(folder, f"{META_FILE} says {meta['count']} vectors, the data holds {len(index)} "
+                                   f"(a save was interrupted?)")
         return index
 
     # -- backend hooks -----------------------------------------------------------------------
@@ -266,3 +318,14 @@ class VectorIndex(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, n={len(self)}, options={self.options})"
+
+
+def _first_line(exc: BaseException) -> str:
+    """faiss's messages carry a C++ function and location ("Error in ... at file.cpp:12: ") and
+    sometimes several lines; keep the gist."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = _FAISS_LOCATION.sub("", text)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+_FAISS_LOCATION = re.compile(r"^Error in .*? at \S+:\d+: ")

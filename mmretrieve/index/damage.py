@@ -1,0 +1,141 @@
+"""How a damaged index folder is reported: one sentence naming the folder, what is wrong and
+the command that recovers it (`mmretrieve index PATH --index-dir IDX --rebuild`).
+
+Damage is a file of the index that is missing, truncated or overwritten: a SQLite file that is
+"not a database" or "malformed", a FAISS file faiss cannot parse, a published generation whose
+vectors are gone. ``GuardedConnection`` turns SQLite's corruption errors into
+``IndexDamagedError`` wherever a query meets them, so no caller sees a raw ``sqlite3`` traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import IndexDamagedError
+
+# SQLite's primary result codes for a file that is not (or no longer) a valid database.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def rebuild_command(folder: str | Path, manifest: dict[str, Any] | None = None) -> str:
+    """The `mmretrieve index ... --rebuild` line for ``folder``, with the indexed folder filled in
+    when the manifest names exactly one (else ``PATH``)."""
+    folder = Path(folder)
+    if manifest is None:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = {}
+    if not isinstance(manifest, dict):
+        manifest = {}
+    roots = manifest.get("roots") or []
+    if manifest.get("modality") == "text":
+        source = "--texts FILE"
+    elif isinstance(roots, list) and len(roots) == 1 and isinstance(roots[0], str):
+        source = shlex.quote(roots[0])
+    else:
+        source = "PATH"
+    return f"mmretrieve index {source} --index-dir {shlex.quote(str(folder))} --rebuild"
+
+
+def index_damaged(folder: str | Path, problem: str, manifest: dict[str, Any] | None = None) -> IndexDamagedError:
+    """The error for a damaged index folder: what is wrong, and how to rebuild it."""
+    return IndexDamagedError(f"the index {folder} is damaged: {problem}; rebuild it with "
+                             f"`{rebuild_command(folder, manifest)}`", problem)
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """True for SQLite's "file is not a database" and "database disk image is malformed"."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "not a database" in text or "malformed" in text
+
+
+class _Guard:
+    def __init__(self, folder: Path, database: Path):
+        self.folder, self.database = folder, database
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is not None and is_corruption(exc):
+            where = self.database.relative_to(self.folder) if self.database.is_relative_to(self.folder) \
+                else self.database
+            raise index_damaged(self.folder, f"{where} cannot be read ({exc})") from exc
+        return False
+
+
+class GuardedCursor:
+    """A cursor whose reads turn SQLite corruption into ``IndexDamagedError``."""
+
+    def __init__(self, cursor: sqlite3.Cursor, guard: _Guard):
+        self._cursor, self._guard = cursor, guard
+
+    def fetchone(self):
+        with self._guard:
+            return self._cursor.fetchone()
+
+    def fetchall(self):
+        with self._guard:
+            return self._cursor.fetchall()
+
+    def fetchmany(self, size: int = 1):
+        with self._guard:
+            return self._cursor.fetchmany(size)
+
+    def __iter__(self) -> Iterator:
+        with self._guard:
+            yield from self._cursor
+
+    def __getattr__(self, name: str):
+        return getattr(self._cursor, name)
+
+
+class GuardedConnection:
+    """A ``sqlite3.Connection`` for an index's database (same methods); corruption met by any
+    statement, or by reading its rows, becomes ``IndexDamagedError`` naming the index folder."""
+
+    def __init__(self, folder: str | Path, database: str | Path, readonly: bool = False, **connect: Any):
+        database = Path(database)
+        self._guard = _Guard(Path(folder), database)
+        with self._guard:
+            if readonly:  # a URI, so that SQLite never creates or writes the file
+                self._db = sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True, **connect)
+            else:
+                self._db = sqlite3.connect(database, **connect)
+
+    def execute(self, *args) -> GuardedCursor:
+        with self._guard:
+            return GuardedCursor(self._db.execute(*args), self._guard)
+
+    def executemany(self, *args) -> GuardedCursor:
+        with self._guard:
+            return GuardedCursor(self._db.executemany(*args), self._guard)
+
+    def executescript(self, script: str) -> GuardedCursor:
+        with self._guard:
+            return GuardedCursor(self._db.executescript(script), self._guard)
+
+    def commit(self) -> None:
+        with self._guard:
+            self._db.commit()
+
+    def __enter__(self) -> "GuardedConnection":
+        self._db.__enter__()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        with self._guard:
+            return self._db.__exit__(kind, exc, tb)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
