@@ -112,18 +112,60 @@ def _recall_lines(precision: str, gate: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def describe_index(ref: str | Path) -> tuple[dict[str, Any], list[str]]:
+def describe_index(ref: str | Path, verify: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """What an index holds, counted in its SQLite database (the manifest's counts are a cache),
+    and where its published vectors are. Damage it meets is an IndexDamagedError naming the
+    rebuild command; with ``verify`` every part is checked instead (``payload["verify"]``,
+    a ``mmretrieve.index.verify`` report) and the description falls back on the manifest."""
+    from .errors import IndexDamagedError, MMRetrieveError
     from .fusion.items import fusion_label
-    from .index.store import read_manifest
+    from .index.base import mismatched_file, read_meta
+    from .index.damage import index_damaged
+    from .index.store import IndexStore, read_manifest
 
-    m = read_manifest(Path(ref))
-    counts = m.get("counts", {})
-    lines = [f"index:        {Path(ref)}",
+    folder = Path(ref)
+    m = read_manifest(folder)
+    counts, kind, vectors_line = None, m.get("index_type", "?"), None
+    try:
+        with IndexStore(folder, m, readonly=True) as store:
+            counts = store.counts()
+            kind = store.published_index_type()[0] or kind
+            vectors = store.vectors_folder(counts["generation"])
+            where = vectors.relative_to(folder) if vectors.is_relative_to(folder) else vectors
+            if counts["generation"]:
+                if not vectors.is_dir():
+                    raise index_damaged(folder, f"the published generation's vectors ({where}) are missing", m)
+                try:
+                    meta = read_meta(vectors)
+                except MMRetrieveError as exc:
+                    raise index_damaged(folder, f"{where}: {getattr(exc, 'problem', exc)}", m) from exc
+                wrong = mismatched_file(vectors, meta, hashes=False)  # sizes: a stat per file (--verify hashes)
+                if wrong:
+                    raise index_damaged(folder, f"{where}: {wrong}", m)
+                vectors_line = f"published:    {where} ({meta['kind']}, {meta['count']:,} vectors)"
+    except IndexDamagedError:
+        if not verify:
+            raise
+    source = "" if counts is not None else " (as the manifest last recorded them)"
+    counts = counts or {"items": m.get("counts", {}).get("items", 0), "failures": m.get("counts", {}).get("failures", 0),
+                        "generation": m.get("generation", 0)}
+    lines = [f"index:        {folder}",
              f"format:       {m['format']} v{m['format_version']} (mmretrieve {m['mmretrieve_version']})",
-             f"holds:        {counts.get('items', 0):,} {m['modality']} items, {counts.get('failures', 0):,} files "
-             f"that failed to read; generation {m.get('generation', 0)}, {m.get('index_type', '?')} index",
+             f"holds:        {counts['items']:,} {m['modality']} items, {counts['failures']:,} files that failed to "
+             f"read; generation {counts['generation']}, {kind} index{source}",
              f"model:        {m['model']['ref']} (fingerprint {m['model']['fingerprint'][:12]}), {m['embed_dim']}-d",
              f"fusion:       {fusion_label(m.get('fusion'))}"]
     if m.get("captions"):
         lines.append(f"captions:     {m['captions']}")
-    return {"path": str(ref), "index": m}, lines
+    if vectors_line:
+        lines.append(vectors_line)
+    payload: dict[str, Any] = {"path": str(ref), "index": m, "counts": counts}
+    if verify:
+        from .index.verify import verify_index
+
+        report = verify_index(folder)
+        payload["verify"] = report.as_dict()
+        lines += report.lines()
+        if report.ok:  # otherwise the verdict is the command's error sentence
+            lines.append(f"verified:     {report.verdict}")
+    return payload, lines

@@ -1,0 +1,243 @@
+"""`info INDEX --verify` and damaged indexes: every kind of damage fails verification naming the
+problem, and every command that opens the index says in one sentence how to rebuild it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import random_image
+from mmretrieve.cli import cli
+from mmretrieve.errors import IndexDamagedError
+from mmretrieve.index.builder import index_images
+from mmretrieve.index.search import IndexReader
+from mmretrieve.index.store import IndexStore
+from mmretrieve.index.verify import verify_index
+
+
+class Colours:
+    """A picklable preprocessor: an image becomes 12 coarse colour values."""
+
+    def transform(self, image):
+        return np.asarray(image.convert("RGB").resize((2, 2)), dtype=np.float32).reshape(-1) + 1.0
+
+
+class FakeEmbedder:
+    ref = path = "fake-verify-model"
+    fingerprint = "fake-verify-model-1"
+    embed_dim = 12
+    image_preprocessor = Colours()
+
+    def embed_pixels(self, pixels):
+        vectors = np.asarray(pixels, dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def build(root, index_dir, **options):
+    return index_images(root, index_dir, FakeEmbedder(), workers=0, progress=False, **options)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for n in range(12):
+        random_image(n, size=(16, 12)).save(folder / f"img{n:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def index_dir(photos, tmp_path):
+    build(photos, tmp_path / "idx")
+    return tmp_path / "idx"
+
+
+def data_folder(index_dir):
+    with IndexStore.open(index_dir, readonly=True) as store:
+        return store.data_folder, store.vectors_folder()
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError, KeyError))
+    return result
+
+
+def failed(report) -> dict[str, str]:
+    return {check.name: check.detail for check in report.problems}
+
+
+# -- a healthy index -------------------------------------------------------------------------
+def test_a_healthy_index_verifies_and_records_its_files_hashes(index_dir):
+    _, vectors = data_folder(index_dir)
+    meta = json.loads((vectors / "index.json").read_text())
+    assert set(meta["files"]) == {"flat.faiss"}
+    assert meta["files"]["flat.faiss"]["size"] == (vectors / "flat.faiss").stat().st_size
+    assert len(meta["files"]["flat.faiss"]["sha256"]) == 64
+
+    report = verify_index(index_dir)
+    assert report.ok and not report.problems
+    assert [c.name for c in report.checks] == ["manifest", "database", "embeddings", "vectors", "files", "faiss",
+                                               "count", "ids", "vector file"]
+    assert "intact" in report.verdict
+
+    result = run("info", index_dir, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "ids:          ok (FAISS and SQLite hold the same 12 ids)" in result.output
+    assert "files:        ok (1 file matches its recorded size and SHA-256: flat.faiss)" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("verified:")
+    data = json.loads(run("info", index_dir, "--verify", "--json").output)
+    assert data["verify"]["ok"] is True and data["counts"]["items"] == 12
+
+
+def test_an_ivfpq_index_checks_its_reranking_vector_file(photos, tmp_path):
+    build(photos, tmp_path / "idx", index_type="ivfpq")
+    report = verify_index(tmp_path / "idx")
+    assert report.ok, report.lines()
+    detail = {c.name: c.detail for c in report.checks}
+    assert "vectors.f32 is 12 x 12; 12 sampled rows equal SQLite's embeddings" in detail["vector file"]
+    assert "row_ids.npy" in detail["files"] and "vectors.f32" in detail["files"]
+
+    # Other vectors of the right size: the hash and the comparison with SQLite both notice.
+    _, vectors = data_folder(tmp_path / "idx")
+    matrix = np.fromfile(vectors / "vectors.f32", dtype=np.float32)
+    matrix[::-1].tofile(vectors / "vectors.f32")
+    problems = failed(verify_index(tmp_path / "idx"))
+    assert "vectors.f32 does not match its recorded SHA-256" in problems["files"]
+    assert "sampled rows of vectors.f32 differ from SQLite's embeddings" in problems["vector file"]
+
+
+def test_a_folder_saved_without_hashes_still_loads_and_verifies(index_dir):
+    _, vectors = data_folder(index_dir)
+    meta = json.loads((vectors / "index.json").read_text())
+    del meta["files"]
+    (vectors / "index.json").write_text(json.dumps(meta))
+    report = verify_index(index_dir)
+    assert report.ok
+    assert "no recorded hashes" in {c.name: c.detail for c in report.checks}["files"]
+    assert len(IndexReader(index_dir, embedder=FakeEmbedder()).index) == 12
+
+
+# -- damage ----------------------------------------------------------------------------------
+def overwrite_faiss(index_dir):
+    _, vectors = data_folder(index_dir)
+    path = vectors / "flat.faiss"
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def delete_vectors(index_dir):
+    import shutil
+
+    data, _ = data_folder(index_dir)
+    shutil.rmtree(data / "vectors")
+
+
+def truncate_sqlite(index_dir):
+    data, _ = data_folder(index_dir)
+    path = data / "items.sqlite"
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+def garbage_sqlite(index_dir):
+    data, _ = data_folder(index_dir)
+    (data / "items.sqlite").write_bytes(np.random.default_rng(1).bytes(40_000))
+
+
+def delete_index_json(index_dir):
+    _, vectors = data_folder(index_dir)
+    (vectors / "index.json").unlink()
+
+
+DAMAGE = {  # kind -> (how, the check that fails, words it says, words `search` says)
+    "faiss overwritten": (overwrite_faiss, "files", "flat.faiss does not match its recorded SHA-256",
+                          "not recognized"),
+    "vectors deleted": (delete_vectors, "vectors", "the published generation's folder, is missing",
+                        "the published generation's vectors"),
+    "sqlite truncated": (truncate_sqlite, "database", "database disk image is malformed",
+                         "database disk image is malformed"),
+    "sqlite garbage": (garbage_sqlite, "database", "file is not a database", "file is not a database"),
+    "index.json deleted": (delete_index_json, "files", "index.json is missing", "index.json is missing"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damage_fails_verify_and_every_command_says_rebuild(kind, index_dir, photos):
+    damage, check, says, search_says = DAMAGE[kind]
+    damage(index_dir)
+    rebuild = f"rebuild it with `mmretrieve index {photos} --index-dir {index_dir} --rebuild`"
+
+    report = verify_index(index_dir)
+    assert not report.ok
+    assert says in failed(report)[check]
+    assert report.verdict.startswith(f"the index {index_dir} is damaged: ") and report.verdict.endswith(rebuild)
+
+    result = run("info", index_dir, "--verify")
+    assert result.exit_code == 1
+    assert f"{check + ':':<13} FAILED" in result.output
+    assert result.output.rstrip().splitlines()[-1] == f"Error: {report.verdict}"
+
+    data = json.loads(run("info", index_dir, "--verify", "--json").output)
+    assert data["verify"]["ok"] is False and data["verify"]["verdict"] == report.verdict
+
+    result = run("search", "a dog", "--index-dir", index_dir)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and search_says in lines[0] and lines[0].endswith(rebuild)
+
+    with pytest.raises(IndexDamagedError, match="--rebuild"):
+        IndexReader(index_dir, embedder=FakeEmbedder())
+
+    result = run("info", index_dir)
+    if kind == "faiss overwritten":  # same size, so only --verify (which hashes) can tell
+        assert result.exit_code == 0
+    else:
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [f"Error: {lines[0][7:]}"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite garbage", "faiss overwritten", "vectors deleted"])
+def test_rebuilding_a_damaged_index_makes_it_whole(kind, index_dir, photos):
+    DAMAGE[kind][0](index_dir)
+    report = build(photos, index_dir, rebuild=True)
+    assert report.total == 12
+    assert verify_index(index_dir).ok
+    assert len(IndexReader(index_dir, embedder=FakeEmbedder()).index) == 12
+
+
+def test_faiss_ids_and_sqlite_ids_must_agree(index_dir):
+    data, _ = data_folder(index_dir)
+    with sqlite3.connect(data / "items.sqlite") as db:
+        db.execute("DELETE FROM items WHERE id = (SELECT MIN(id) FROM items)")
+        db.execute("UPDATE items SET id = 1000 WHERE id = (SELECT MAX(id) FROM items)")
+    db.close()
+    problems = failed(verify_index(index_dir))
+    assert problems["count"] == "FAISS 12 vectors, SQLite 11 items"
+    assert "2 FAISS ids have no SQLite item" in problems["ids"] and "1 SQLite items have no FAISS vector (e.g. 1000)" \
+        in problems["ids"]
+
+
+def test_an_embedding_of_the_wrong_length_is_found(index_dir):
+    data, _ = data_folder(index_dir)
+    with sqlite3.connect(data / "items.sqlite") as db:
+        db.execute("UPDATE items SET embedding = zeroblob(40) WHERE id = (SELECT MIN(id) FROM items)")
+    db.close()
+    assert "1 of 12 stored embeddings are not 48 bytes" in failed(verify_index(index_dir))["embeddings"]
+
+
+# -- item 14: info counts what SQLite holds ---------------------------------------------------
+def test_info_counts_items_and_failures_in_sqlite_not_the_manifest_cache(index_dir, photos):
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    build(photos, index_dir)
+    manifest_path = index_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["counts"] = {"items": 999, "failures": 0}  # a stale cache (e.g. a kill before its rewrite)
+    manifest_path.write_text(json.dumps(manifest))
+    result = run("info", index_dir)
+    assert result.exit_code == 0, result.output
+    assert "holds:        12 image items, 1 files that failed to read; generation 1" in result.output
+    assert json.loads(run("info", index_dir, "--json").output)["counts"] == {"items": 12, "failures": 1,
+                                                                             "generation": 1}
