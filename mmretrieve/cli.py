@@ -113,7 +113,8 @@ def embed(encoder_name, model_ref, texts, texts_file, images, out, rows_format, 
 
 @cli.command()
 @click.argument("model_ref", metavar="MODEL")
-@click.option("--verify", is_flag=True, help="Re-hash every file against the manifest.")
+@click.option("--verify", is_flag=True, help="Re-hash every file against the manifest; for an index, also check "
+              "SQLite, the FAISS ids and counts against it, and the stored vectors (non-zero exit when damaged).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(model_ref: str, verify: bool, as_json: bool) -> None:
     """Describe a model bundle, an ONNX export or an index folder: what it holds and how it was made."""
@@ -122,11 +123,18 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
 
     kind = kind_of(model_ref)
     if kind != "bundle":
-        payload, lines = describe_export(model_ref, verify) if kind == "export" else describe_index(model_ref)
+        payload, lines = describe_export(model_ref, verify) if kind == "export" else describe_index(model_ref, verify)
         if as_json:
             echo_json(payload)
         else:
             click.echo("\n".join(lines))
+        report = payload.get("verify")
+        if report and not report["ok"]:  # the check lines above say what; the verdict says what to do
+            if as_json:
+                raise SystemExit(1)
+            from .errors import IndexDamagedError
+
+            raise IndexDamagedError(report["verdict"])
         return
     bundle = read_bundle_info(model_ref, verify=verify)
     heads, head_lines = fusion_head_lines(bundle.path)
