@@ -246,3 +246,37 @@ def test_a_thin_strip_upload_is_refused_before_its_pixels_are_decoded(monkeypatc
     with pytest.raises(RequestProblem) as refused:
         decode_upload(data.getvalue(), "strip.png", 40_000_000)
     assert refused.value.status == 422 and "aspect ratio of 16000:1" in str(refused.value)
+
+
+def test_an_indexed_file_swapped_for_a_fifo_is_refused_not_waited_on(tmp_path, embedder):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from mmretrieve.index.builder import index_images
+    from mmretrieve.serve import ServeConfig, create_app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(photos / "a.png")
+    index_images(photos, tmp_path / "idx", embedder, workers=0, progress=False)
+    (photos / "a.png").unlink()
+    os.mkfifo(photos / "a.png")
+    answers = {}
+    with TestClient(create_app(ServeConfig(index_dir=tmp_path / "idx", thumb_cache=tmp_path / "thumbs",
+                                           reload_interval=0))) as client:
+        item = client.get("/api/search", params={"q": "green"}).json()["results"][0]
+
+        def ask():
+            for url in (item["file_url"], item["thumbnail_url"]):
+                answers[url] = client.get(url).status_code
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        asking.join(30)
+        if asking.is_alive():  # release the blocked open() so the test can end, then fail
+            for _ in range(2):
+                with open(photos / "a.png", "wb"):
+                    pass
+            pytest.fail("serving a FIFO blocked")
+    assert answers == {item["file_url"]: 403, item["thumbnail_url"]: 403}

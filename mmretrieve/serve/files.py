@@ -30,6 +30,7 @@ NO_SUCH_ITEM = "no such item in the index"
 
 
 @dataclass(frozen=True)
+_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 class CatalogEntry:
     id: int
     path: str
@@ -101,7 +102,8 @@ def open_servable(recorded: str, roots: Iterable[str]) -> tuple[BinaryIO, os.sta
     if not is_image_path(Path(real)):
         raise RequestProblem(403, "only image files are served")
     try:
-        handle = open(real, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NOFOLLOW", 0)))
+        # O_NONBLOCK: a FIFO put in a file's place must not hold a thread until a writer comes.
+        handle = open(real, "rb", opener=lambda p, flags: os.open(p, flags | _OPEN_FLAGS))
     except FileNotFoundError:
         raise RequestProblem(404, "this file no longer exists; re-run `mmretrieve index` to drop it") from None
     except OSError:
