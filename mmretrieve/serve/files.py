@@ -27,10 +27,10 @@ from ..index.store import DATABASE
 from .problems import RequestProblem
 
 NO_SUCH_ITEM = "no such item in the index"
+_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 @dataclass(frozen=True)
-_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 class CatalogEntry:
     id: int
     path: str
