@@ -170,7 +170,10 @@ def absolute_ref(ref: str | Path) -> str:
 
 def resolve_model(ref: str | Path) -> Path:
     """A bundle folder (absolute) from a path or from a name a plugin registered (``default``)."""
+    from .atomic import recover_directory
+
     path = Path(ref).expanduser()
+    recover_directory(path)  # a save killed between its renames leaves the folder aside
     if path.is_dir():
         return path.resolve()
     from .plugins import get_host

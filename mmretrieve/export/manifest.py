@@ -44,11 +44,17 @@ class ExportInfo:
 
 
 def is_export(ref: str | Path) -> bool:
+    from ..atomic import recover_directory
+
+    recover_directory(ref)  # an export killed between its renames leaves the folder aside
     return (Path(ref) / EXPORT_JSON).is_file()
 
 
 def read_export_info(ref: str | Path) -> ExportInfo:
+    from ..atomic import recover_directory
+
     folder = Path(ref)
+    recover_directory(folder)
     path = folder / EXPORT_JSON
     if not path.is_file():
         raise ExportError(f"{folder} is not an ONNX export (no {EXPORT_JSON}); create one with "

@@ -48,10 +48,17 @@ def head_digest(state: dict) -> str:
 
 def attached_heads(model_folder: str | Path) -> dict[str, Path]:
     """The fusion bundles stored in a model bundle or export folder: {strategy: folder}."""
+    from ..atomic import recover_directory
+
     root = Path(model_folder) / FUSION_FOLDER
     if not root.is_dir():
         return {}
-    return {folder.name: folder for folder in sorted(root.iterdir()) if (folder / MANIFEST).is_file()}
+    for folder in root.iterdir():  # a head whose save was killed between renames is put back
+        if folder.name.startswith(".") and ".new-" in folder.name:
+            recover_directory(root / folder.name[1:].partition(".new-")[0])
+    # Hidden folders are atomic_directory's staging and retired copies, never heads.
+    return {folder.name: folder for folder in sorted(root.iterdir())
+            if not folder.name.startswith(".") and (folder / MANIFEST).is_file()}
 
 
 def save_fusion(strategy: LearnedFusion, folder: str | Path, base_fingerprint: str,
@@ -78,7 +85,10 @@ def save_fusion(strategy: LearnedFusion, folder: str | Path, base_fingerprint: s
 
 def read_fusion_info(folder: str | Path) -> dict[str, Any]:
     """fusion.json of a verified fusion bundle."""
+    from ..atomic import recover_directory
+
     folder = Path(folder)
+    recover_directory(folder)
     if not (folder / MANIFEST).is_file():
         raise BundleError(f"{folder} is not a fusion bundle (no {MANIFEST}); train one first")
     try:
