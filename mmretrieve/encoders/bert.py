@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import InputError
 from ..preprocess import TextPreprocessConfig, TextPreprocessor
 from .base import Encoder
+from .hub import load_from_hub
 
 POOLINGS = ("mean", "cls")
 
@@ -81,12 +82,18 @@ class BertEncoder(Encoder):
 
         if pooling not in POOLINGS:
             raise InputError(f"bert pooling must be one of {POOLINGS}, not {pooling!r}")
-        try:
+
+        def load():
             config = AutoConfig.from_pretrained(model_name)
             with _quiet_transformers():
                 model = AutoModel.from_pretrained(model_name, add_pooling_layer=False) if pretrained \
                     else AutoModel.from_config(config, add_pooling_layer=False)
-            tokenizer = _fast_tokenizer(model_name)
+            return config, model, _fast_tokenizer(model_name)
+
+        try:
+            # A hub id: the cache first, the hub only if it answers (its retries take ~30 s).
+            config, model, tokenizer = load() if Path(model_name).is_dir() else \
+                load_from_hub(load, f"the BERT checkpoint {model_name!r}")
         except OSError as exc:
             raise InputError(f"cannot load BERT checkpoint {model_name!r}: {str(exc).splitlines()[0]}") from None
         max_length = min(int(max_length), int(getattr(config, "max_position_embeddings", max_length)))

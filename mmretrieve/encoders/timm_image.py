@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import InputError
 from ..preprocess import ImagePreprocessConfig, ImagePreprocessor
 from .base import Encoder
+from .hub import load_from_hub
 
 
 class ImageTower(nn.Module):
@@ -40,9 +41,15 @@ class TimmEncoder(Encoder):
 
         model_kwargs = dict(model_kwargs or {})
         overlay = {**model_kwargs.pop("pretrained_cfg_overlay", {}), **({"file": str(weights)} if weights else {})} or None
+
+        def create() -> nn.Module:
+            return timm.create_model(model_name, pretrained=bool(pretrained or weights), num_classes=0,
+                                     pretrained_cfg_overlay=overlay, **model_kwargs)
+
         try:
-            model: nn.Module = timm.create_model(model_name, pretrained=bool(pretrained or weights), num_classes=0,
-                                                 pretrained_cfg_overlay=overlay, **model_kwargs)
+            # Hub weights: the cache first, the hub only if it answers (its retries take ~30 s).
+            model = load_from_hub(create, f"timm's pretrained {model_name!r} weights") \
+                if pretrained and not weights else create()
         except (OSError, RuntimeError) as exc:  # RuntimeError: "Unknown model"
             raise InputError(f"cannot build timm model {model_name!r}: {str(exc).splitlines()[0]}") from None
         data_config = timm.data.resolve_data_config({}, model=model)
