@@ -208,6 +208,15 @@ def test_rebuilding_a_damaged_index_makes_it_whole(kind, index_dir, photos):
     assert len(IndexReader(index_dir, embedder=FakeEmbedder()).index) == 12
 
 
+def test_an_index_run_with_work_to_publish_remakes_damaged_vectors_from_sqlite(index_dir, photos, caplog):
+    overwrite_faiss(index_dir)
+    random_image(99, size=(16, 12)).save(photos / "new.png")
+    report = build(photos, index_dir)  # nothing is embedded again but the new file
+    assert (report.added, report.total) == (1, 13)
+    assert "building the vectors again from the embeddings stored in SQLite" in caplog.text
+    assert verify_index(index_dir).ok
+
+
 def test_faiss_ids_and_sqlite_ids_must_agree(index_dir):
     data, _ = data_folder(index_dir)
     with sqlite3.connect(data / "items.sqlite") as db:
