@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -187,16 +188,63 @@ def train(data, val_data, init_model, text_encoder, image_encoder, text_mode, im
              "model.image.encoder": image_encoder, "text.mode": text_mode, "image.mode": image_mode,
              "epochs": epochs, "batch_size": batch_size, "output": output}
     sets = tuple(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None) + tuple(overrides)
+    if _starts_from_default(config_file, sets):
+        sets = ('init="default"',) + sets
+        click.echo("no --init or encoders given: starting from the offline `default` model, as with --init default "
+                   "(give --text-encoder/--image-encoder for fresh towers)", err=True)
     config = load_config(TrainConfig, config_file, sets)
-    from .train.loop import run_training
+    from .train.loop import TrainingInterrupted, run_training
 
-    result = run_training(config, resume=resume)
+    try:
+        result = run_training(config, resume=resume)
+    except KeyboardInterrupt as exc:  # Ctrl-C: say what was kept and how to go on, instead of "Aborted!"
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(_interrupted_note(exc if isinstance(exc, TrainingInterrupted) else None,
+                                         Path(config.output) / "checkpoint", click.get_current_context()), err=True)
+        sys.exit(130)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports for everyone
     if as_json:
         echo_json(result.__dict__)
         return
     _print_gain(result)
+
+
+def _starts_from_default(config_file, sets: tuple[str, ...]) -> bool:
+    """No starting model and no tower chosen anywhere (flags, --config, --set), and a plugin registers
+    `default`: then train starts from it, since the fresh towers' defaults (bert, timm) need a model hub."""
+    from .config import apply_overrides, read_config_file
+    from .plugins import get_host
+
+    chosen = apply_overrides(read_config_file(config_file) if config_file else {}, sets)
+    return "init" not in chosen and "model" not in chosen and "default" in get_host().registry("model")
+
+
+def _interrupted_note(interrupted, checkpoint: Path, ctx: click.Context) -> str:
+    """One sentence after Ctrl-C: which checkpoint holds the run, and the command that resumes it."""
+    from .train.checkpoint import has_checkpoint, load_checkpoint
+
+    words = ["mmretrieve", "train"]
+    for param in ctx.command.params:  # what the user typed, as long options
+        if ctx.get_parameter_source(param.name) not in (click.core.ParameterSource.COMMANDLINE,
+                                                        click.core.ParameterSource.ENVIRONMENT):
+            continue
+        value, flag = ctx.params[param.name], max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            words += [flag] if value else []
+        else:
+            for item in (value if param.multiple else (value,)):
+                words += [flag, str(item)]
+    command = shlex.join(words + ([] if "--resume" in words else ["--resume"]))
+    if interrupted is not None and interrupted.checkpoint is not None:
+        return f"Interrupted: the checkpoint of step {interrupted.step} is saved in {checkpoint}; resume with: {command}"
+    if has_checkpoint(checkpoint):
+        try:
+            step = json.loads(load_checkpoint(checkpoint)["trainer"])["step"]
+        except Exception:  # noqa: BLE001 - the note must not fail; the step is a courtesy
+            step = "?"
+        return f"Interrupted before a new checkpoint; the last one (step {step}) is in {checkpoint}; resume with: {command}"
+    return "Interrupted before the first checkpoint, so nothing was saved; run the same command again to start over"
 
 
 def _print_gain(result) -> None:

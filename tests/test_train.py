@@ -280,3 +280,126 @@ def test_train_without_data_is_one_sentence():
 
     result = CliRunner().invoke(cli, ["train", "-o", "/tmp/never-written"])
     assert result.exit_code != 0 and "no training data: give --data FILE" in result.output
+
+
+# -- kills, Ctrl-C and resuming (issue 13) ------------------------------------------------------
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    original_report = Trainer._report
+
+    def report(self, bar, window):
+        original_report(self, bar, window)
+        if self.state["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_report", report)
+
+
+def test_resume_after_a_kill_finds_the_checkpoint_and_logs_each_step_once(make_config, tmp_path, monkeypatch):
+    from mmretrieve.train.loop import TrainingInterrupted
+
+    run = tmp_path / "killed"
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        run_training(make_config(output=str(run)))
+    assert interrupted.value.step == 3 and interrupted.value.checkpoint == run / "checkpoint"
+    monkeypatch.undo()
+    # What a SIGKILL between atomic_directory's renames leaves: no checkpoint/, the state aside.
+    (run / "checkpoint").rename(run / ".checkpoint.new-4194000-abcdefgh")
+    # and what the killed run had logged after its checkpoint, the last line cut short.
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + json.dumps({"step": 5, "loss": 1.0}) + "\n")
+        handle.write('{"step": 6, "lo')
+    resumed = Trainer(make_config(output=str(run)), resume=True).train()
+    assert resumed.steps == 8
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps == list(range(1, 9))
+    val_steps = [r["step"] for r in records if "val" in r]
+    assert len(val_steps) == len(set(val_steps))
+
+
+def test_ctrl_c_during_train_says_where_the_checkpoint_is_and_how_to_resume(make_config, tmp_path, tiny_bert_dir,
+                                                                            colour_data, monkeypatch):
+    import shlex
+
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "val_size": 14, "batch_size": 7, "warmup_steps": 2, "workers": 0, "log_every": 1,
+        "model": {"embed_dim": 16,
+                  "text": {"encoder": "bert", "options": {"model_name": str(tiny_bert_dir), "max_length": 16}},
+                  "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": 48}}},
+    }))
+    run = tmp_path / "cli-run"
+    interrupt_at(monkeypatch, 2)
+    args = ["train", "--config", str(config), "--data", str(colour_data), "--epochs", "2", "-o", str(run)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130, result.output
+    assert "Aborted" not in result.output
+    note = result.stderr.strip().splitlines()[-1]
+    assert note.startswith(f"Interrupted: the checkpoint of step 2 is saved in {run / 'checkpoint'}; resume with: ")
+    command = shlex.split(note.split("resume with: ")[1])
+    assert command[:2] == ["mmretrieve", "train"] and command[-1] == "--resume"
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(cli, command[1:], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained 8 steps" in resumed.stdout
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(make_config, tmp_path, colour_data, monkeypatch):
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    def interrupted(config, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mmretrieve.train.loop.run_training", interrupted)
+    result = CliRunner().invoke(cli, ["train", "--data", str(colour_data), "--text-encoder", "bert",
+                                      "-o", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    assert "Interrupted before the first checkpoint, so nothing was saved" in result.stderr
+
+
+def test_train_without_a_model_starts_from_the_offline_default(tmp_path, colour_data, monkeypatch):
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+    from mmretrieve.plugins import get_host
+    from mmretrieve.train.loop import TrainResult
+
+    if "default" not in get_host().registry("model"):
+        pytest.skip("the offline-towers plugin (which registers `default`) is not installed")
+    seen = []
+
+    def record(config, resume=False):
+        seen.append(config)
+        return TrainResult(config.output, None, None, None, 0, 0, 0.0, False)
+
+    monkeypatch.setattr("mmretrieve.train.loop.run_training", record)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "--data", str(colour_data), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].init == "default" and "starting from the offline `default` model" in result.stderr
+    for chosen in (["--text-encoder", "bert"], ["--init", "runs/other"], ["--set", "model.embed_dim=32"]):
+        result = runner.invoke(cli, ["train", "--data", str(colour_data), "-o", str(tmp_path / "b"), *chosen])
+        assert result.exit_code == 0, result.output
+        assert seen[-1].init == (chosen[1] if chosen[0] == "--init" else None), chosen
+        assert "offline `default`" not in result.stderr
+
+
+def test_hub_ids_fail_fast_with_one_sentence_when_the_hub_cannot_be_reached(monkeypatch):
+    from mmretrieve.encoders import create_encoder, hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    with pytest.raises(InputError, match=r"BERT checkpoint 'mmretrieve-tests/never-cached' is not in the local "
+                                         r"model cache .*`--init default`.*`local-dir:PATH`.*HF_HUB_OFFLINE=1"):
+        create_encoder("bert", model_name="mmretrieve-tests/never-cached")
+    with pytest.raises(InputError, match=r"timm's pretrained 'resnet18' weights is not in the local model cache"):
+        create_encoder("timm:resnet18", pretrained=True,
+                       model_kwargs={"pretrained_cfg_overlay": {"hf_hub_id": "mmretrieve-tests/never-cached"}})

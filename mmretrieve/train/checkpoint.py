@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, recover_directory
 from ..errors import BundleError
 
 STATE_FILE = "state.pt"
@@ -58,7 +58,14 @@ def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
         (staging / STATE_FILE).write_bytes(buffer.getvalue())
 
 
+def has_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint (one left aside by a kill during its save counts)."""
+    recover_directory(folder)
+    return (Path(folder) / STATE_FILE).is_file()
+
+
 def load_checkpoint(folder: Path) -> dict[str, Any]:
+    recover_directory(folder)
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise BundleError(f"no checkpoint to resume from in {folder}")

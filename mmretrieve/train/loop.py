@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"epochs", "max_steps", "patience", "workers", "log_every", "device", "eval_every"}
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the steps, after the checkpoint of the last finished step was saved."""
+
+    def __init__(self, checkpoint: Path | None, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.checkpoint = checkpoint  # None on ranks other than 0, which save nothing
+        self.step = step
+
+
 @dataclass
 class TrainResult:
     output: str
@@ -86,13 +95,33 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def open_tensorboard(folder: Path):
+def open_tensorboard(folder: Path, purge_step: int | None = None):
     """A SummaryWriter when the tensorboard package is installed, else None."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps up to ``step`` (a checkpoint's), dropping those an interrupted run
+    logged after it and a line cut short by a kill; rewritten atomically. Returns lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+    return dropped
 
 
 def flatten_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -205,15 +234,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup_steps,
                                                                                          self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.tensorboard = open_tensorboard(self.output / "tensorboard") if self.main else None
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": 0, "baseline": None,
                       "bad_evals": 0, "seconds": 0.0}
         if resume:
             self._resume()
+        # On resume, events logged after the checkpoint's step (by the interrupted run) are dropped.
+        self.tensorboard = open_tensorboard(self.output / "tensorboard", self.state["step"] + 1 if resume else None) \
+            if self.main else None
 
     # -- set-up ------------------------------------------------------------------------------
     def _check_output(self, resume: bool) -> None:
-        has_run = (self.output / "checkpoint" / ckpt.STATE_FILE).is_file()
+        has_run = ckpt.has_checkpoint(self.output / "checkpoint")
         if resume and not has_run:
             raise ConfigError(f"nothing to resume: {self.output} holds no checkpoint")
         if not resume and has_run:
@@ -340,6 +371,9 @@ class Trainer:
         ckpt.restore_rng_state(saved["rng"])
         if self.main:
             log.warning("resuming %s at step %d", self.output, self.state["step"])
+            dropped = truncate_metrics(self.output / "metrics.jsonl", self.state["step"])
+            if dropped:
+                log.info("metrics.jsonl: %d lines logged after the checkpoint dropped", dropped)
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict[str, float]] | None:
@@ -439,7 +473,7 @@ class Trainer:
                 state["batch"] -= window["micro"] % config.grad_accum
             self._save_checkpoint(boundary_rng)
             bar.close()
-            raise
+            raise TrainingInterrupted(self.output / "checkpoint" if self.main else None, state["step"]) from None
         bar.close()
         result = TrainResult(output=str(self.output), best_bundle=str(self.output / "best") if state["best"] else None,
                              baseline=state["baseline"], best=state["best"], best_step=state["best_step"],
