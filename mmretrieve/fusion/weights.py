@@ -36,10 +36,13 @@ def parse_weights(weights: str | Sequence[float] | None) -> np.ndarray:
     except (TypeError, ValueError):
         raise ConfigError(f"weights must be numbers (text, image), got {values}") from None
     if not all(math.isfinite(value) for value in values):
-        raise ConfigError(f"weights must be finite numbers, got {values}")
+        raise ConfigError(f"weights must be finite numbers (text, image), e.g. 0.3,0.7; got {values}")
     if any(value < 0 for value in values):
         raise ConfigError(f"weights must not be negative, got {values}")
-    total = sum(values)
-    if total == 0:
+    largest = max(values)
+    if largest == 0:
         raise ConfigError("weights are all zero, so nothing would count; give text or image a positive weight")
-    return np.asarray(values, dtype=np.float64) / total
+    # Only the ratio counts. Scaling by the largest first keeps the sum finite: 1e308 + 1e308
+    # overflows to infinity, and dividing by it would turn both weights into 0 (every score 0).
+    scaled = np.asarray(values, dtype=np.float64) / largest
+    return scaled / scaled.sum()
