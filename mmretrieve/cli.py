@@ -437,8 +437,9 @@ def default_model_name(folder: Path) -> str:
 @click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: index/images, or index/texts with --texts).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (path relative to PATH, or name); repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching; repeatable.")
-@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default="auto", show_default=True,
-              help="auto picks by collection size and --memory-budget.")
+@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default=None,
+              help="auto (the default for a new index) picks by collection size and --memory-budget; for an "
+                   "existing index, another type re-indexes its stored vectors (nothing is embedded again).")
 @click.option("--memory-budget", help="Memory the index may use, e.g. 4GB (for --index-type auto).")
 @click.option("--captions", "captions_file", type=click.Path(exists=True),
               help="Captions or titles for the images (JSONL, CSV, COCO JSON), stored as metadata (and fused with --fusion).")
@@ -489,7 +490,7 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
         if (folder / MANIFEST).is_file():
             from .index.search import _model_location
 
-            model_ref = _model_location(read_manifest(folder)["model"])
+            model_ref = _model_location(read_manifest(folder)["model"], folder)
         else:
             model_ref = default_model_name(folder)
     embedder = load_embedder(model_ref, runtime, device)
@@ -514,6 +515,8 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
                f"unchanged {report.unchanged}, failed {len(report.failed)}"
                + (f", skipped {len(report.skipped)}" if report.skipped else "")
                + f"; {report.seconds:.1f}s, {report.items_per_s:.1f} items/s")
+    for note in report.notes:
+        click.echo(note, err=True)
     if report.uncaptioned:
         click.echo(f"{report.uncaptioned} images had no caption and are indexed by the image alone", err=True)
     for failure in report.failed:

@@ -11,20 +11,22 @@ With a fusion strategy each image is indexed as one item made of the image and i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import IndexDamagedError, InputError
 from ..progress import progress_bar
 from .decode import _init_worker, decode_one, ordered_map
 from .lock import WriterLock
 from .scan import FileState, check_removal, check_root, plan_changes, scan_files
-from .store import MANIFEST, IndexStore, Item
+from .store import LEGACY_STORE, MANIFEST, IndexStore, Item, read_manifest, remove_stray_data, store_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class IndexReport:
     index_type: str = ""
     seconds: float = 0.0
     items_per_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the run did besides indexing files, said on stderr
 
 
 def _check_model(store: IndexStore, embedder, rebuild: bool) -> None:
@@ -66,51 +69,138 @@ def _check_fusion(store: IndexStore, fusion: dict | None, rebuild: bool) -> None
                          f"same fusion settings, or pass --rebuild to re-embed everything")
 
 
-def open_or_create(index_dir: Path, embedder, modality: str, index_type: str, rebuild: bool,
-                   fusion=None, captions_source: str | None = None) -> IndexStore:
-    """``fusion``: the strategy fusing each image with its caption (None: images alone)."""
+def open_or_create(index_dir: Path, embedder, modality: str, index_type: str | None, rebuild: bool,
+                   fusion=None, captions_source: str | None = None, building: dict | None = None) -> IndexStore:
+    """The store a run writes to; call ``finish`` when the run is done. Holding the writer lock.
+
+    ``fusion``: the strategy fusing each image with its caption (None: images alone).
+    ``index_type``: None keeps the index's own (auto for a new one); another one than the index
+    was built with makes the run re-index the stored vectors as that type (``store.reindex``).
+    A new index, and every ``rebuild``, is filled in a fresh data folder beside the current one;
+    ``finish`` makes it current, so a failed or killed rebuild leaves the old index as it was.
+    ``building`` (the folder or file indexed, and filters) lets a killed build be resumed.
+    """
+    from ..bundle import absolute_ref
     from ..fusion.items import extra_dims
     from ..fusion.resolve import describe_fusion
 
     described = describe_fusion(fusion) if fusion is not None else None
-    if (index_dir / MANIFEST).is_file():
-        store = IndexStore.open(index_dir)
-        if store.manifest.get("modality") != modality:
-            raise InputError(f"{index_dir} indexes {store.manifest.get('modality')}s, not {modality}s; "
+    current, generation = None, 0
+    manifest = _current_manifest(index_dir, rebuild)
+    if manifest is not None:
+        if manifest.get("modality") != modality:
+            raise InputError(f"{index_dir} indexes {manifest.get('modality')}s, not {modality}s; "
                              f"choose another --index-dir")
-        _check_model(store, embedder, rebuild)
-        _check_fusion(store, described, rebuild)
-        if described and not rebuild:  # the captions file (and head folder) a later run reuses
+        if not rebuild:
+            return _open_current(index_dir, embedder, index_type, described, fusion, captions_source)
+        current = store_name(manifest, index_dir)
+        generation = _published_generation(index_dir, manifest)
+    model_path = _model_path(embedder)
+    new = {
+        "modality": modality,
+        "model": {"ref": absolute_ref(embedder.ref), "path": model_path, "fingerprint": embedder.fingerprint,
+                  **_relative_model_path(model_path, embedder.ref, index_dir)},
+        "embed_dim": int(embedder.embed_dim) + extra_dims(fusion),
+        "query_padding": extra_dims(fusion),  # stored coordinates beyond the model's, 0 in every query
+        "metric": "inner_product",
+        "normalized": True,
+        "requested_index_type": index_type or "auto",
+        **({"fusion": described, "captions": captions_source, "fusion_bundle": getattr(fusion, "source", None)}
+           if fusion is not None else {}),
+        **({"building": building} if building else {}),
+    }
+    store = IndexStore.resume(index_dir, new, replaces=current)
+    if store is not None:
+        log.warning("resuming the build that a previous run left in %s", store.data_folder)
+    # Data folders no manifest names: replaced by a rebuild, or left by a killed one.
+    remove_stray_data(index_dir, {name for name in (current, store and store.name) if name}
+                      | ({LEGACY_STORE} if current is None else set()))
+    return store or IndexStore.create(index_dir, new, replaces=current, generation=generation)
+
+
+def _current_manifest(index_dir: Path, rebuild: bool) -> dict | None:
+    """The index's manifest, None for a new index; a rebuild also starts over from a manifest that
+    is not JSON any more (rebuilding is how a damaged index is recovered)."""
+    if not (index_dir / MANIFEST).is_file():
+        return None
+    if rebuild:
+        try:
+            json.loads((index_dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+    return read_manifest(index_dir)
+
+
+def _published_generation(index_dir: Path, manifest: dict) -> int:
+    """The generation a rebuild continues from (so generations only grow); 0 if it cannot be read."""
+    try:
+        with IndexStore(index_dir, manifest, readonly=True) as old:
+            return old.generation
+    except (InputError, sqlite3.Error):
+        return int(manifest.get("generation", 0) or 0)
+
+
+def _open_current(index_dir: Path, embedder, index_type: str | None, described, fusion,
+                  captions_source: str | None) -> IndexStore:
+    store = IndexStore.open(index_dir)
+    try:
+        _check_model(store, embedder, False)
+        _check_fusion(store, described, False)
+        remove_stray_data(index_dir, {store.name})
+        store.sync_manifest()  # counts and generation from SQLite, if a kill left the manifest behind
+        if described:  # the captions file (and head folder) a later run reuses
             sources = {"captions": captions_source or store.manifest.get("captions"),
                        "fusion_bundle": getattr(fusion, "source", None) or store.manifest.get("fusion_bundle")}
             if any(store.manifest.get(key) != value for key, value in sources.items()):
                 store.manifest.update(sources)
                 store.write_manifest()
-        if rebuild:
-            store.close()
-            _clear(index_dir)
-        else:
-            return store
-    return IndexStore.create(index_dir, {
-        "modality": modality,
-        "model": {"ref": embedder.ref, "path": getattr(embedder, "path", embedder.ref),
-                  "fingerprint": embedder.fingerprint},
-        "embed_dim": int(embedder.embed_dim) + extra_dims(fusion),
-        "query_padding": extra_dims(fusion),  # stored coordinates beyond the model's, 0 in every query
-        "metric": "inner_product",
-        "normalized": True,
-        "requested_index_type": index_type,
-        **({"fusion": described, "captions": captions_source, "fusion_bundle": getattr(fusion, "source", None)}
-           if fusion is not None else {}),
-    })
+        if index_type is not None and index_type != store.manifest.get("requested_index_type", "auto"):
+            store.reindex = index_type
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
-def _clear(index_dir: Path) -> None:
-    import shutil
+def _model_path(embedder) -> str:
+    """Where the model folder is, absolute and resolved (a name a plugin registered as it is)."""
+    path = str(getattr(embedder, "path", embedder.ref))
+    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
 
-    for name in (MANIFEST, "items.sqlite", "items.sqlite-wal", "items.sqlite-shm"):
-        (index_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(index_dir / "vectors", ignore_errors=True)
+
+def _relative_model_path(model_path: str, ref: str, index_dir: Path) -> dict:
+    """{"relative_path": the model folder relative to the index folder}, for a model given as a
+    path (not a registered name), so an index moved together with its model still finds it."""
+    if not Path(model_path).is_absolute() or not Path(ref).expanduser().exists():
+        return {}
+    return {"relative_path": os.path.relpath(model_path, Path(index_dir).absolute().resolve())}
+
+
+def finish(store: IndexStore, report: IndexReport | None = None, generation_at_open: int | None = None,
+           memory_budget: int | None = None) -> None:
+    """End a run: re-index for a new --index-type if the run did not publish, make a pending data
+    folder current (deleting the one it replaced), and leave the manifest's counts right."""
+    if store.reindex is not None:
+        before = store.published_index_type()[0] or "no"
+        if store.generation == generation_at_open or not store.vectors_folder().is_dir():
+            generation, kind = publish(store, [], memory_budget)
+            if report is not None:
+                report.generation, report.index_type = generation, kind
+        if report is not None:
+            report.notes.append(f"index type {store.manifest.get('requested_index_type')} (was {before}): rebuilt "
+                                f"the {store.published_index_type()[0]} index from the {store.count():,} stored "
+                                f"vectors, without embedding anything again")
+        store.reindex = None
+    if store.pending:
+        if not store.vectors_folder().is_dir():
+            generation, kind = publish(store, [], memory_budget)
+            if report is not None:
+                report.generation, report.index_type = generation, kind
+        store.sync_manifest()
+        store.activate()
+        remove_stray_data(store.folder, {store.name})
+    else:
+        store.sync_manifest()
 
 
 def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | None = None) -> tuple[int, str]:
@@ -122,17 +212,24 @@ def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | No
     generation = store.generation
     current_folder = store.vectors_folder(generation)
     live = store.count() - len(set(removed_ids)) + len(set(staged_ids.tolist()) - set(store.items_by_id(staged_ids)))
-    requested = store.manifest.get("requested_index_type", "auto")
+    requested = store.reindex or store.manifest.get("requested_index_type", "auto")
     kind, options = choose_index_type(max(live, 1), int(store.manifest["embed_dim"]), memory_budget) \
         if requested == "auto" else (requested, {})
-    reuse = current_folder.is_dir() and store.manifest.get("index_type") == kind
+    reuse = current_folder.is_dir() and store.published_index_type()[0] == kind
+    index = None
     if reuse:
-        index = load_index(current_folder)
+        try:
+            index = load_index(current_folder)
+        except IndexDamagedError as exc:  # FAISS is derived: SQLite's embeddings make it again
+            log.warning("%s: %s; building the vectors again from the embeddings stored in SQLite", store.folder,
+                        exc.problem)
+    if index is not None:
         index.remove(np.asarray(list(removed_ids) + staged_ids.tolist(), dtype=np.int64))
         if len(staged_ids):
             index.add(staged_ids, staged_vectors)
     else:
-        # A new index type (the collection crossed a size threshold) or the first generation.
+        # A new index type (the collection crossed a size threshold), the first generation, or
+        # published vectors that are damaged.
         ids, vectors = store.all_embeddings()
         keep = ~np.isin(ids, np.asarray(removed_ids + staged_ids.tolist(), dtype=np.int64))
         ids = np.concatenate([ids[keep], staged_ids])
@@ -141,13 +238,15 @@ def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | No
         if len(ids):
             index.add(ids, vectors)
     index.save(store.vectors_folder(generation + 1))
-    store.publish(generation + 1, removed_paths, {"index_type": kind, "index_options": index.options})
+    store.publish(generation + 1, removed_paths, kind, index.options, requested)
     store.remove_stale_vectors()
+    if store.pending and store.replaces is None:
+        store.activate()  # a new index is searchable from its first generation; a rebuild waits for finish
     return generation + 1, kind
 
 
 def index_images(root: str | Path, index_dir: str | Path, embedder, include: tuple[str, ...] = (),
-                 exclude: tuple[str, ...] = (), index_type: str = "auto", batch_size: int = 32,
+                 exclude: tuple[str, ...] = (), index_type: str | None = None, batch_size: int = 32,
                  workers: int = 1, commit_every: int = 5000, captions: dict[str, list[str]] | None = None,
                  rebuild: bool = False, progress: bool = True, memory_budget: int | None = None,
                  fusion=None, captions_source: str | None = None, follow_links: bool = False,
@@ -155,17 +254,27 @@ def index_images(root: str | Path, index_dir: str | Path, embedder, include: tup
     """``captions``: {resolved image path: captions}, stored with each item; ``fusion`` (a strategy
     from ``mmretrieve.fusion.resolve``) makes every item the image fused with its first caption.
     ``follow_links``: follow links that leave ``root`` too; ``prune``: allow a run to remove more
-    than a fifth of the items under ``root`` (see ``scan.check_removal``)."""
+    than a fifth of the items under ``root`` (see ``scan.check_removal``). ``index_type`` None keeps
+    the index's own; ``rebuild`` re-embeds everything into a new data folder, published only when
+    complete (see ``open_or_create``)."""
     started = time.perf_counter()
     index_dir = Path(index_dir)
     if fusion is not None and captions is None:
         raise InputError("a fused index joins each image with its caption; give the captions (--captions FILE)")
     check_root(root)  # before the lock creates the index folder
     with WriterLock(index_dir):
-        store = open_or_create(index_dir, embedder, "image", index_type, rebuild, fusion, captions_source)
+        building = {"root": str(Path(root).resolve()), "include": list(include), "exclude": list(exclude)}
+        store = open_or_create(index_dir, embedder, "image", index_type, rebuild, fusion, captions_source, building)
+        generation = store.generation
         try:
-            return _index_images(store, Path(root), embedder, include, exclude, batch_size, workers, commit_every,
-                                 captions, progress, memory_budget, started, fusion, follow_links, prune)
+            report = _index_images(store, Path(root), embedder, include, exclude, batch_size, workers, commit_every,
+                                   captions, progress, memory_budget, started, fusion, follow_links, prune)
+            finish(store, report, generation, memory_budget)
+            return report
+        except InputError:
+            if store.fresh and store.pending:
+                store.discard()  # refused before anything was worth keeping: the index is as it was
+            raise
         finally:
             store.close()
 
@@ -208,6 +317,36 @@ def _record_root(store: IndexStore, root: Path) -> bool:
     return True
 
 
+def _check_captioned(root: Path, found: list[FileState], captions: dict[str, list[str]]) -> None:
+    """A fused index needs captions: refuse when no image has one, warn when most have none."""
+    if not found:
+        return
+    missing = sum(1 for state in found if not captions.get(state.path))
+    if missing == len(found):
+        raise InputError(f"none of the {len(found)} images in {root} has a caption in the captions file, so a fused "
+                         f"index would hold images alone; check that the file names these images (paths relative "
+                         f"to the file), or index without --fusion")
+    if 2 * missing > len(found):
+        log.warning("%d of the %d images in %s have no caption and are indexed by the image alone; check that the "
+                    "captions file names these images", missing, len(found), root)
+
+
+def _forget_gone_failures(store: IndexStore, failed_before: dict, found: list[FileState], root: Path,
+                          kept: list[str]) -> None:
+    """Files that failed to read and are gone from under ``root`` are failures no more (and are
+    not counted as such), except below folders that could not be read (``kept``)."""
+    scope = str(root.resolve())
+    prefix = scope.rstrip("/") + "/"
+    unreadable = tuple(folder.rstrip("/") + "/" for folder in kept)
+    seen = {state.path for state in found}
+    gone = [p for p in failed_before
+            if p not in seen and (p == scope or p.startswith(prefix)) and not p.startswith(unreadable)]
+    if gone:
+        store.forget_failures(gone)
+        for path in gone:
+            failed_before.pop(path)
+
+
 def _index_images(store: IndexStore, root: Path, embedder, include, exclude, batch_size, workers, commit_every,
                   captions, progress, memory_budget, started, fusion=None, follow_links=False,
                   prune=False) -> IndexReport:
@@ -220,11 +359,14 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     check_removal(plan, str(root.resolve()), prune)  # before anything changes
     if captions is not None:
         captions = _captions_by_found_path(captions, found)
+        if fusion is not None:
+            _check_captioned(root, found, captions)
         plan.re_embed(_recaptioned(store, found, plan, captions, fusion is not None))
     if plan.touched:
         store.touch([(state.size, state.mtime_ns, state.path) for state, _ in plan.touched])
     # A file that failed before and has not changed since is not retried on every run.
     failed_before = store.failed_files()
+    _forget_gone_failures(store, failed_before, found, root, scan.kept)
     todo, still_failed = [], []
     for state in plan.to_embed:
         previous = failed_before.get(state.path)
@@ -307,7 +449,7 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
     return embedded
 
 
-def index_texts(captions_file: str | Path, index_dir: str | Path, embedder, index_type: str = "auto",
+def index_texts(captions_file: str | Path, index_dir: str | Path, embedder, index_type: str | None = None,
                 batch_size: int = 256, rebuild: bool = False, progress: bool = True) -> IndexReport:
     """Index every caption of a data file (for image -> text search), one row per caption.
 
@@ -323,7 +465,8 @@ def index_texts(captions_file: str | Path, index_dir: str | Path, embedder, inde
     rows = {f"{source}::{item.image}#{n}": (caption, str(item.image))
             for item in captioned.items for n, caption in enumerate(item.captions)}
     with WriterLock(index_dir):
-        store = open_or_create(index_dir, embedder, "text", index_type, rebuild)
+        store = open_or_create(index_dir, embedder, "text", index_type, rebuild, building={"captions": source})
+        opened_at = store.generation
         try:
             known = store.known_files()
             todo = [key for key in rows if key not in known]
@@ -336,9 +479,11 @@ def index_texts(captions_file: str | Path, index_dir: str | Path, embedder, inde
                     bar.update(len(keys))
             generation, kind = publish(store, vanished)
             seconds = round(time.perf_counter() - started, 2)
-            return IndexReport(str(index_dir), added=len(todo), removed=len(vanished), unchanged=len(rows) - len(todo),
-                               total=store.count(), generation=generation, index_type=kind, seconds=seconds,
-                               items_per_s=round(len(todo) / max(seconds, 1e-9), 2))
+            report = IndexReport(str(index_dir), added=len(todo), removed=len(vanished),
+                                 unchanged=len(rows) - len(todo), total=store.count(), generation=generation,
+                                 index_type=kind, seconds=seconds, items_per_s=round(len(todo) / max(seconds, 1e-9), 2))
+            finish(store, report, opened_at)
+            return report
         finally:
             store.close()
 
@@ -358,10 +503,12 @@ def remove_files(index_dir: str | Path, paths: list[str | Path], memory_budget: 
     with WriterLock(index_dir):
         store = IndexStore.open(index_dir)
         try:
+            remove_stray_data(index_dir, {store.name})
             known = store.known_files()
             present = list(dict.fromkeys(filter(None, (_recorded_path(p, known) for p in paths))))
             if present or store.count("staged"):
                 publish(store, present, memory_budget)
+            finish(store)
             return len(present)
         finally:
             store.close()

@@ -8,8 +8,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from .store import IndexStore, Item, read_manifest
+from ..errors import IndexDamagedError, InputError
+from .damage import index_damaged
+from .store import IndexStore, Item, read_manifest, store_name
 
 
 @dataclass
@@ -36,11 +37,11 @@ class IndexReader:
                  device: str | None = None, embedder=None):
         self.folder = Path(index_dir)
         self.manifest = read_manifest(self.folder)
-        self.store = IndexStore(self.folder, self.manifest)
         self._model, self._runtime, self._device = model, runtime, device
         self._embedder = embedder
         if embedder is not None:
             self._check_fingerprint(embedder)
+        self.store: IndexStore | None = None  # the data folder being read, opened read-only
         self.generation = -1
         self.index = None
         self.refresh()
@@ -50,19 +51,63 @@ class IndexReader:
         return self.manifest["modality"]
 
     def refresh(self) -> bool:
-        """Load the newest published generation if `mmretrieve index` has made one; True if it did."""
+        """Load the newest published state if `mmretrieve index` has made one; True if it did.
+
+        That is a new generation of the data folder being read, or, after `index --rebuild`
+        pointed the manifest at a new data folder, that folder. The old state answers until the
+        new one is loaded completely; if loading fails, it stays.
+        """
+        for attempt in range(3):
+            manifest = read_manifest(self.folder)
+            if self.store is not None and store_name(manifest, self.folder) == self.store.name:
+                if self.store.generation == self.generation:
+                    return False
+                self.index, self.generation = self._load(self.store, manifest)
+                self.manifest = {**manifest, "generation": self.generation, "index_type": self.index.kind}
+                return True
+            store = None
+            try:
+                if self._embedder is not None:
+                    self._check_fingerprint(self._embedder, manifest)
+                store = IndexStore(self.folder, manifest, readonly=True)
+                index, generation = self._load(store, manifest)
+            except InputError:
+                if store is not None:
+                    store.close()
+                # A rebuild switched data folders (and deleted this one) while it was opened: look again.
+                if attempt < 2 and read_manifest(self.folder).get("store") != manifest.get("store"):
+                    continue
+                raise
+            old, self.store = self.store, store
+            self.index, self.generation = index, generation
+            self.manifest = {**manifest, "generation": generation, "index_type": index.kind}
+            if old is not None:
+                old.close()  # its files may be deleted already; what it had open stays readable until now
+            return True
+        return False
+
+    def _load(self, store: IndexStore, manifest: dict[str, Any]) -> tuple[Any, int]:
+        """The FAISS index of ``store``'s published generation, and that generation."""
         from .backends import load_index
 
-        generation = self.store.generation
-        if generation == self.generation:
-            return False
-        folder = self.store.vectors_folder(generation)
-        if not folder.is_dir():
-            raise InputError(f"{self.folder} has no published vectors yet; run `mmretrieve index` to completion")
-        self.index = load_index(folder)
-        self.generation = generation
-        self.manifest = read_manifest(self.folder)
-        return True
+        for attempt in range(3):
+            generation = store.generation
+            folder = store.vectors_folder(generation)
+            where = _relative(folder, self.folder)
+            if not folder.is_dir() and generation == 0:
+                raise InputError(f"{self.folder} has no published vectors yet; run `mmretrieve index` to completion")
+            try:
+                if not folder.is_dir():
+                    raise IndexDamagedError(f"{folder} is missing", f"the published generation's vectors ({where}) "
+                                            f"are missing")
+                return load_index(folder), generation
+            except IndexDamagedError as exc:
+                # A writer that published a newer generation meanwhile deletes this one: look again.
+                if attempt < 2 and store.generation != generation:
+                    continue
+                problem = exc.problem if folder.name in exc.problem else f"{where}: {exc.problem}"
+                raise index_damaged(self.folder, problem, manifest) from exc
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     @property
     def embedder(self):
@@ -70,13 +115,14 @@ class IndexReader:
             from ..runtime import load_embedder
 
             built_with = self.manifest["model"]
-            embedder = load_embedder(self._model or _model_location(built_with), self._runtime, self._device)
+            embedder = load_embedder(self._model or _model_location(built_with, self.folder), self._runtime,
+                                     self._device)
             self._check_fingerprint(embedder)
             self._embedder = embedder
         return self._embedder
 
-    def _check_fingerprint(self, embedder) -> None:
-        built_with = self.manifest["model"]
+    def _check_fingerprint(self, embedder, manifest: dict[str, Any] | None = None) -> None:
+        built_with = (manifest or self.manifest)["model"]
         if embedder.fingerprint != built_with["fingerprint"]:
             raise InputError(
                 f"{self.folder} was built with model {built_with['ref']} (fingerprint {built_with['fingerprint'][:12]}), "
@@ -114,16 +160,42 @@ class IndexReader:
         return self.search_vectors(self.embedder.embed_images(list(images)), k, min_score)
 
     def close(self) -> None:
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
 
-def _model_location(built_with: dict[str, Any]) -> str:
-    """The registered name if it still resolves (e.g. `default`), else the bundle path."""
-    ref = built_with.get("ref", "")
-    if Path(ref).is_dir():
-        return ref
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+def _model_location(built_with: dict[str, Any], index_dir: str | Path | None = None) -> str:
+    """Where the model that built an index is now: its registered name (e.g. `default`), the
+    folder recorded when it was built, or that folder relative to the index folder (an index and
+    its model moved together)."""
     from ..plugins import get_host
 
-    if ref in get_host().registry("model"):
+    ref = str(built_with.get("ref", ""))
+    recorded = str(built_with.get("path") or ref)
+    if ref and not Path(ref).is_absolute() and ref in get_host().registry("model"):
         return ref
-    return built_with.get("path", ref)
+    tried = []
+    for candidate in dict.fromkeys(p for p in (ref, recorded) if p and Path(p).is_absolute()):
+        tried.append(candidate)
+        if Path(candidate).is_dir():
+            return candidate
+    relative = built_with.get("relative_path")
+    if relative and index_dir is not None:
+        moved = (Path(index_dir).absolute() / relative).resolve()
+        tried.append(str(moved))
+        if moved.is_dir():
+            return str(moved)
+    for candidate in (ref, recorded):  # an index from before paths were stored resolved
+        if candidate and not Path(candidate).is_absolute() and Path(candidate).is_dir():
+            return candidate
+    if not tried:
+        return recorded  # not a folder (a runtime's own kind of reference): its runtime decides
+    raise InputError(f"the model that built {index_dir or 'this index'} ({ref or recorded}) is not a registered "
+                     f"model and has no folder at {' or '.join(tried)}; give --model PATH to say where it is now")

@@ -1,21 +1,32 @@
-"""The index folder: manifest, SQLite metadata and embeddings, and one FAISS folder per generation.
+"""The index folder: a manifest naming the current data folder, which holds the SQLite metadata
+and embeddings and one FAISS folder per generation.
 
-    manifest.json        format and versions, model fingerprint, dimension, metric, index type, counts
-    items.sqlite         items (path, size, mtime, sha256, width, height, captions, embedding),
-                         staged rows of a run not yet published, and files that failed to read
-    vectors/gen-N/       the FAISS index of generation N
+    manifest.json              format and versions, model, dimension, metric, index type, and
+                               ``store``: the name of the current data folder
+    data-NNNNNN/items.sqlite   items (path, size, mtime, sha256, width, height, captions, embedding),
+                               staged rows of a run not yet published, files that failed to read,
+                               and the published generation, index type and options
+    data-NNNNNN/vectors/gen-N/ the FAISS index of generation N
 
 Publishing a generation writes its FAISS folder first, then commits one SQLite transaction
-that moves staged rows in, drops vanished ones and records N; the manifest is rewritten after.
-Readers take the generation from SQLite, so they see the last complete state and nothing
-else. A run that dies leaves its staged rows behind, and the next run picks them up.
+that moves staged rows in, drops vanished ones and records N; the manifest's copies of the
+generation and counts are a cache rewritten after (and repaired by the next writer). Readers
+take the generation from SQLite, so they see the last complete state and nothing else. A run
+that dies leaves its staged rows behind, and the next run picks them up.
+
+A new index and ``--rebuild`` fill a fresh data folder that no manifest names yet (it is
+*pending*, described by its own ``pending.json``); one rename of ``manifest.json`` makes it
+current, and the data folder it replaces is deleted after. Readers that still have the old
+one open keep their file handles; ``IndexReader.refresh`` moves to the new one. An index
+written before data folders existed (format 1, no ``store``) keeps its data in the index
+folder itself and is read and updated there.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +38,16 @@ from .. import __version__
 from ..atomic import write_text_atomic
 from ..errors import InputError
 from ..formats import check_format
+from .damage import GuardedConnection, index_damaged
 
 FORMAT = "mmretrieve-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data in the folder named by "store"; 1 (no "store"): in the index folder itself
 MANIFEST = "manifest.json"
 DATABASE = "items.sqlite"
 VECTORS = "vectors"
+PENDING = "pending.json"  # in a data folder being built: the manifest it will publish
+LEGACY_STORE = "."  # a format-1 index keeps its data in the index folder itself
+_DATA_NAME = re.compile(r"data-(\d{6})")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -45,6 +60,8 @@ CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, size INTEGER, mtime_
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
 """
 COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "captions", "text", "image")
+# What a pending data folder must share with a run for that run to carry on filling it.
+_RESUME_KEYS = ("modality", "model", "embed_dim", "query_padding", "fusion", "building")
 
 
 @dataclass
@@ -70,47 +87,160 @@ def _row_to_item(row: tuple) -> Item:
     return Item(**values)
 
 
-class IndexStore:
-    """Read and write access to one index folder (writers hold the WriterLock)."""
+def store_name(manifest: dict[str, Any], folder: Path) -> str:
+    """The data folder a manifest names ("." for a format-1 index), checked to be one of ours."""
+    name = manifest.get("store", LEGACY_STORE)
+    if name != LEGACY_STORE and not (isinstance(name, str) and _DATA_NAME.fullmatch(name)):
+        raise index_damaged(folder, f"{MANIFEST} names the data folder {name!r}, which is not one an index writes",
+                            manifest)
+    return name
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
+
+def database_path(folder: Path) -> Path:
+    """The SQLite file of the index's current data folder."""
+    folder = Path(folder)
+    return folder / store_name(read_manifest(folder), folder) / DATABASE
+
+
+class IndexStore:
+    """Read and write access to one data folder of an index (writers hold the WriterLock).
+
+    ``readonly`` opens the database read-only (for readers); ``pending`` marks a data folder
+    no manifest names yet: its manifest goes to ``pending.json`` until ``activate``.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], readonly: bool = False, pending: bool = False):
         self.folder = Path(folder)
         self.manifest = manifest
-        self.db = sqlite3.connect(self.folder / DATABASE, timeout=30)
+        self.readonly = readonly
+        self.pending = pending
+        self.replaces: str | None = None  # for a pending store: the data folder it will replace, if any
+        self.fresh = False  # created by this process (not resumed)
+        self.reindex: str | None = None  # another --index-type: the next publish rebuilds FAISS as this
+        self._data_folder = self.folder / store_name(manifest, self.folder)
+        database = self._data_folder / DATABASE
+        if readonly:
+            if not database.is_file():
+                raise index_damaged(self.folder, f"{database.relative_to(self.folder)}, named by its manifest, "
+                                                 f"is missing", manifest)
+            self.db = GuardedConnection(self.folder, database, readonly=True, timeout=30)
+            return
+        self.db = GuardedConnection(self.folder, database, timeout=30)
         self.db.executescript(SCHEMA)
         self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
         self.db.execute("PRAGMA synchronous=NORMAL")
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, manifest: dict[str, Any]) -> "IndexStore":
+    def create(cls, folder: Path, manifest: dict[str, Any], replaces: str | None = None,
+               generation: int = 0) -> "IndexStore":
+        """A pending store in a fresh data folder; ``activate`` (on publishing) makes it current.
+        ``generation`` continues the numbering of the index it replaces."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for p in folder.iterdir() if (m := _DATA_NAME.fullmatch(p.name))]
+        name = f"data-{max(taken, default=0) + 1:06d}"
+        (folder / name).mkdir()
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "mmretrieve_version": __version__,
-                    "created": _now(), **manifest, "generation": 0, "counts": {"items": 0, "failures": 0}}
-        write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
-        return cls(folder, manifest)
+                    "created": _now(), **manifest, "store": name, "generation": generation,
+                    "counts": {"items": 0, "failures": 0}}
+        store = cls(folder, manifest, pending=True)
+        store.replaces, store.fresh = replaces, True
+        if generation:
+            with store.db:
+                store.db.execute("INSERT OR REPLACE INTO info VALUES ('generation', ?)", (str(generation),))
+        store.write_manifest()
+        return store
 
     @classmethod
-    def open(cls, folder: Path) -> "IndexStore":
-        return cls(Path(folder), read_manifest(folder))
+    def resume(cls, folder: Path, manifest: dict[str, Any], replaces: str | None = None) -> "IndexStore | None":
+        """The pending data folder a killed run left for this same build (``manifest`` as ``create``
+        gets it), to go on filling; None when there is none."""
+        folder = Path(folder)
+        for data in sorted(folder.glob("data-*"), reverse=True):
+            try:
+                pending = json.loads((data / PENDING).read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(pending, dict) or data.name != pending.get("store") or not (data / DATABASE).is_file():
+                continue
+            if all(pending.get(key) == manifest.get(key) for key in _RESUME_KEYS):
+                store = cls(folder, {**pending, **manifest, "store": data.name,
+                                     "generation": pending.get("generation", 0)}, pending=True)
+                store.replaces = replaces
+                store.write_manifest()
+                return store
+        return None
+
+    @classmethod
+    def open(cls, folder: Path, readonly: bool = False) -> "IndexStore":
+        return cls(Path(folder), read_manifest(folder), readonly=readonly)
 
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> "IndexStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def data_folder(self) -> Path:
+        """Where this store's database and vectors live (the index folder itself for format 1)."""
+        return self._data_folder
+
+    @property
+    def name(self) -> str:
+        return store_name(self.manifest, self.folder)
+
+    def activate(self) -> None:
+        """Make a pending store current: one atomic rewrite of manifest.json. The data folder it
+        replaces is left for ``remove_stray_data`` (readers may still have it open)."""
+        if not self.pending:
+            return
+        self.manifest.setdefault("updated", _now())
+        self.manifest.pop("building", None)  # what the pending folder was filled from: only for resuming
+        write_text_atomic(self.folder / MANIFEST, json.dumps(self.manifest, indent=2))
+        self.pending = False
+        (self.data_folder / PENDING).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Delete a pending store's data folder (a run that failed before it made anything worth keeping)."""
+        if self.pending and self.name != LEGACY_STORE:
+            self.close()
+            shutil.rmtree(self.data_folder, ignore_errors=True)
+
     # -- generations -----------------------------------------------------------------------
+    def _info(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM info WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
     @property
     def generation(self) -> int:
-        row = self.db.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
-        return int(row[0]) if row else 0
+        value = self._info("generation")
+        return int(value) if value else 0
+
+    def published_index_type(self) -> tuple[str | None, dict[str, Any] | None]:
+        """The FAISS index kind and options of the published generation, as SQLite recorded them
+        (an index from before this was recorded: the manifest's)."""
+        kind, options = self._info("index_type"), self._info("index_options")
+        if kind is None:
+            return self.manifest.get("index_type"), self.manifest.get("index_options")
+        return kind, json.loads(options) if options else {}
+
+    def counts(self) -> dict[str, int]:
+        """What the index holds now, from SQLite (the manifest's copy is a cache): published items,
+        files that failed to read, and the published generation. Safe on a read-only store."""
+        return {"items": self.count(), "failures": self.count("failures"), "generation": self.generation}
 
     def vectors_folder(self, generation: int | None = None) -> Path:
-        return self.folder / VECTORS / f"gen-{self.generation if generation is None else generation:06d}"
+        return self.data_folder / VECTORS / f"gen-{self.generation if generation is None else generation:06d}"
 
     def remove_stale_vectors(self) -> None:
         """Drop generation folders other than the published one (old, or left by a killed run)."""
         keep = self.vectors_folder().name
-        for folder in (self.folder / VECTORS).glob("gen-*"):
+        for folder in (self.data_folder / VECTORS).glob("gen-*"):
             if folder.name != keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -188,6 +318,11 @@ class IndexStore:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", failures)
 
+    def forget_failures(self, paths: Iterable[str]) -> None:
+        """Failed files that are gone (or no longer wanted): they are not failures any more."""
+        with self.db:
+            self.db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
+
     def touch(self, updates: list[tuple[int, int, str]]) -> None:
         """Same content, new mtime: (size, mtime_ns, path)."""
         with self.db:
@@ -203,21 +338,65 @@ class IndexStore:
     def staged(self) -> tuple[np.ndarray, np.ndarray]:
         return self._embeddings("staged")
 
-    def publish(self, generation: int, removed_paths: list[str], manifest_updates: dict[str, Any]) -> None:
-        """Make generation N current: staged rows in, removed paths out, in one transaction."""
+    def publish(self, generation: int, removed_paths: list[str], index_type: str, index_options: dict[str, Any],
+                requested_index_type: str | None = None) -> None:
+        """Make generation N current: staged rows in, removed paths out, N and its FAISS index
+        type recorded, in one transaction; then the manifest's cached copies follow."""
+        requested = requested_index_type or self.manifest.get("requested_index_type", "auto")
         with self.db:
             self.db.execute(f"INSERT OR REPLACE INTO items ({', '.join(COLUMNS)}, embedding) "
                             f"SELECT {', '.join(COLUMNS)}, embedding FROM staged")
             self.db.execute("DELETE FROM staged")
             self.db.executemany("DELETE FROM items WHERE path = ?", [(p,) for p in removed_paths])
             self.db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in removed_paths])
-            self.db.execute("INSERT OR REPLACE INTO info VALUES ('generation', ?)", (str(generation),))
-        self.manifest.update(manifest_updates, generation=generation, updated=_now(),
-                             counts={"items": self.count(), "failures": self.count("failures")})
-        self.write_manifest()
+            self.db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
+                                [("generation", str(generation)), ("index_type", index_type),
+                                 ("index_options", json.dumps(index_options)), ("requested_index_type", requested)])
+        self.manifest["updated"] = _now()
+        self.sync_manifest(force=True)
+
+    def sync_manifest(self, force: bool = False) -> bool:
+        """Bring the manifest's cached generation, counts and index type in line with SQLite (a
+        writer does this on opening, so a kill between a commit and the manifest rewrite heals on
+        the next run); True if it was rewritten."""
+        counts = self.counts()
+        kind, options = self.published_index_type()
+        cached = {"generation": counts.pop("generation"), "counts": counts}
+        if kind is not None:
+            cached.update(index_type=kind, index_options=options)
+        requested = self._info("requested_index_type")
+        if requested is not None:
+            cached["requested_index_type"] = requested
+        stale = any(self.manifest.get(key) != value for key, value in cached.items())
+        self.manifest.update(cached)
+        if stale or force:
+            self.write_manifest()
+        return stale
 
     def write_manifest(self) -> None:
-        write_text_atomic(self.folder / MANIFEST, json.dumps(self.manifest, indent=2))
+        """Rewrite manifest.json (pending.json in the data folder of a pending store)."""
+        target = self.data_folder / PENDING if self.pending else self.folder / MANIFEST
+        write_text_atomic(target, json.dumps(self.manifest, indent=2))
+
+
+def remove_stray_data(folder: Path, keep: Iterable[str]) -> list[str]:
+    """Delete the data folders of an index that are not in ``keep`` (replaced by a rebuild, or
+    left by a killed one), and format-1 data in the index folder itself unless "." is kept.
+    Only a writer holding the lock may call this. Returns what was removed."""
+    folder, keep = Path(folder), set(keep)
+    removed = []
+    for data in folder.glob("data-*"):
+        if data.name not in keep and _DATA_NAME.fullmatch(data.name) and data.is_dir():
+            shutil.rmtree(data, ignore_errors=True)
+            removed.append(data.name)
+    if LEGACY_STORE not in keep:
+        legacy = [folder / name for name in (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm")]
+        if any(path.exists() for path in legacy) or (folder / VECTORS).is_dir():
+            for path in legacy:
+                path.unlink(missing_ok=True)
+            shutil.rmtree(folder / VECTORS, ignore_errors=True)
+            removed.append(LEGACY_STORE)
+    return removed
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -227,8 +406,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise InputError(f"{folder} holds no index (no {MANIFEST}); build one with `mmretrieve index PATH`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); the index folder is damaged") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise index_damaged(folder, f"{MANIFEST} is not valid JSON ({exc})", {}) from None
+    if not isinstance(manifest, dict):
+        raise index_damaged(folder, f"{MANIFEST} holds no JSON object", {})
     check_format(manifest, folder, FORMAT, FORMAT_VERSION, "index", InputError)
     return manifest
 
