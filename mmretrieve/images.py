@@ -46,8 +46,10 @@ MAX_ASPECT = 20.0
 DRAFT_PIXELS = 64_000_000
 DRAFT_SIDE = 2048
 
-_FILE_KINDS = ((stat.S_ISDIR, "is a folder, not an image"), (stat.S_ISFIFO, "is a FIFO (named pipe), not an image file"),
-               (stat.S_ISSOCK, "is a socket, not an image file"), (stat.S_ISCHR, "is a device, not an image file"),
+_FILE_KINDS = ((stat.S_ISDIR, "is a folder, not an image"),
+               (stat.S_ISFIFO, "is a FIFO (named pipe), not an image file"),
+               (stat.S_ISSOCK, "is a socket, not an image file"),
+               (stat.S_ISCHR, "is a device, not an image file"),
                (stat.S_ISBLK, "is a device, not an image file"))
 
 
