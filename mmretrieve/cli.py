@@ -623,8 +623,8 @@ def _echo_paths(paths: list[str], null_ends: bool) -> None:
 @click.option("--api-key", envvar="MMRETRIEVE_API_KEY", show_envvar=True,
               help="Require this key (X-API-Key header or Bearer token) for /api, /file and /thumb.")
 @click.option("--root", "roots", multiple=True, type=click.Path(file_okay=False), envvar="MMRETRIEVE_ROOTS",
-              show_envvar=True, help="Only serve files under this folder (repeatable; default: the folder all "
-                                     "indexed images share).")
+              show_envvar=True, help="Only serve files whose real path is under this folder (repeatable; default: the "
+                                     "folders indexed into the index).")
 @click.option("--thumb-cache", type=click.Path(file_okay=False), envvar="MMRETRIEVE_THUMB_CACHE", show_envvar=True,
               help="Folder for generated thumbnails (default: ~/.cache/mmretrieve/thumbs).")
 @click.option("--max-upload-mb", type=click.FloatRange(0.01), default=20, show_default=True,
@@ -637,8 +637,11 @@ def _echo_paths(paths: list[str], null_ends: bool) -> None:
               help="Threads for embedding and FAISS (default: one fewer than the cores).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Once listening, print one JSON line (url, port, pid, model, runtime, indexes) on stdout; "
+                   "logs stay on stderr. With --port 0 the system picks a free port.")
 def serve(index_dir, text_index_dir, host, port, model_ref, runtime, device, api_key, roots, thumb_cache,
-          max_upload_mb, max_pixels, root_path, threads, log_level):
+          max_upload_mb, max_pixels, root_path, threads, log_level, as_json):
     """Serve search over HTTP: a web page at /, a JSON API under /api, /health and /metrics.
 
     The model and indexes load once; a generation published by `mmretrieve index` is
@@ -663,7 +666,11 @@ def serve(index_dir, text_index_dir, host, port, model_ref, runtime, device, api
                          compute_threads=threads or default_compute_threads())
     if max_pixels:
         config.max_pixels = max_pixels
-    run_server(config, host=host, port=port, root_path=root_path.rstrip("/"), log_level=log_level)
+    def ready(info: dict) -> None:
+        click.echo(json.dumps(info, ensure_ascii=False))  # one line, flushed: scripts wait for it
+
+    run_server(config, host=host, port=port, root_path=root_path.rstrip("/"), log_level=log_level,
+               on_ready=ready if as_json else None)
 
 
 def _add_plugin_commands() -> None:

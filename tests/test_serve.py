@@ -384,24 +384,36 @@ def small_app(small_index, **options) -> TestClient:
 
 
 def test_symlink_escapes_are_refused(small_index):
+    """A file is sent when its real path lies in a served root (by default the indexed folder),
+    whatever links lead there; a link out of it, followed at indexing or planted after, is not."""
     photos, outside = small_index["photos"], small_index["outside"]
-    os.symlink(outside / "secret.png", photos / "link.png")  # a link planted before indexing
-    index_folder(photos, small_index["index"], "--model", str(small_index["bundle"]))
-    with small_app(small_index, roots=(photos,)) as client:
+    os.symlink(outside / "secret.png", photos / "link.png")  # a link out, planted before indexing
+    (photos / "album").mkdir()
+    os.symlink(photos / "p0.png", photos / "album" / "again.png")  # a link that stays inside
+    os.symlink(photos / "album", photos / "album-link")  # so does a folder link
+    index_folder(photos, small_index["index"], "--model", str(small_index["bundle"]), "--follow-links")
+    with small_app(small_index) as client:  # the default roots: the indexed folder
         hits = {Path(h["path"]).name: h for h in search(client, k=10)["results"]}
-        assert set(hits) == {"p0.png", "p1.png", "p2.png", "secret.png"}  # the indexer followed the link
-        for url in (hits["secret.png"]["file_url"], hits["secret.png"]["thumbnail_url"]):
+        assert set(hits) == {"p0.png", "p1.png", "p2.png", "link.png"}  # one item per file, as found
+        for url in (hits["link.png"]["file_url"], hits["link.png"]["thumbnail_url"]):
             refused = client.get(url)
             assert refused.status_code == 403 and "outside the folders" in refused.json()["error"]
         assert client.get(hits["p0.png"]["file_url"]).status_code == 200
-        # An indexed file swapped for a link afterwards is not followed either.
+        # An indexed file swapped for a link afterwards is not followed out either ...
         (photos / "p1.png").unlink()
         os.symlink(outside / "secret.png", photos / "p1.png")
         for url in (hits["p1.png"]["file_url"], hits["p1.png"]["thumbnail_url"]):
             refused = client.get(url)
-            assert refused.status_code == 403 and "replaced by a link" in refused.json()["error"]
+            assert refused.status_code == 403 and "outside the folders" in refused.json()["error"]
+        # ... while one to a file inside the folder is what the folder already shares.
+        (photos / "p1.png").unlink()
+        os.symlink(photos / "album-link" / "again.png", photos / "p1.png")
+        sent = client.get(hits["p1.png"]["file_url"])
+        assert sent.status_code == 200 and sent.content == (photos / "p0.png").read_bytes()
         (photos / "p2.png").unlink()
         assert client.get(hits["p2.png"]["file_url"]).status_code == 404
+    with small_app(small_index, roots=(photos, outside)) as client:  # --root may widen it
+        assert client.get(hits["link.png"]["file_url"]).status_code == 200
 
 
 def test_a_new_generation_is_picked_up_without_restart(small_index):

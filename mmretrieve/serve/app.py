@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import os
+import re
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -57,11 +59,17 @@ def create_app(config: ServeConfig) -> FastAPI:
     metrics = ServiceMetrics()
     engine = SearchEngine(config, metrics)
     try:
-        catalog = Catalog(config.index_dir, config.roots)
+        catalog = Catalog(engine.databases[IMAGES], config.roots, engine.readers[IMAGES].manifest)
     except Exception:
         engine.close()
         raise
-    engine.on_reopen = lambda name: catalog.reopen() if name == IMAGES else None
+
+    def follow(name: str, database: Path, manifest: dict) -> None:
+        if name == IMAGES:
+            catalog.follow(database, manifest)
+
+    engine.on_change = follow
+    follow(IMAGES, engine.databases[IMAGES], engine.readers[IMAGES].manifest)  # had it moved meanwhile
     thumbs = ThumbnailCache(config.thumb_cache, config.thumb_size, config.max_pixels)
     thumb_slots = anyio.CapacityLimiter(config.thumb_workers)  # full-size decodes at once
     decode_slots = anyio.CapacityLimiter(config.thumb_workers)
@@ -131,10 +139,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get("/healthz", include_in_schema=False)
     async def health():
         problem = engine.problem or (None if engine.alive else "the search engine has stopped")
+        # Open without a key, so no filesystem paths: the model by name, never its folder.
         body = {"status": "unavailable" if problem else "ok", "version": __version__,
-                "model": {"ref": engine.embedder.ref, "fingerprint": engine.embedder.fingerprint[:12],
-                          "embed_dim": int(engine.embedder.embed_dim)},
-                "indexes": {name: {k: v for k, v in status.items() if k != "folder"}
+                "model": {"name": public_model_name(engine.embedder.ref),
+                          "fingerprint": engine.embedder.fingerprint[:12],
+                          "embed_dim": int(engine.embedder.embed_dim), "runtime": engine.embedder.runtime},
+                "indexes": {name: {k: status.get(k) for k in ("generation", "items", "index_type")}
                             for name, status in engine.status.items()}}
         if problem:
             body["error"] = problem
@@ -253,6 +263,15 @@ def create_app(config: ServeConfig) -> FastAPI:
         return FileResponse(path, media_type="image/jpeg", headers=headers)
 
     return app
+
+
+def public_model_name(ref: str) -> str:
+    """A model as /health may show it: a registered name (`default`, `hf-hub:org/name`) as it
+    is, a model folder (`/srv/models/best`, `local-dir:/srv/models/best`) by its last part."""
+    prefix, _, rest = str(ref).partition(":") if re.match(r"^[a-z][a-z0-9-]+:", str(ref)) else ("", "", str(ref))
+    if os.path.isabs(rest) or os.path.exists(rest):
+        rest = Path(rest).resolve().name or "model"
+    return f"{prefix}:{rest}" if prefix else rest
 
 
 class ObserveRequests:

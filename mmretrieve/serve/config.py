@@ -28,7 +28,7 @@ class ServeConfig:
     runtime: str = "auto"  # torch, onnx or auto (onnx for an export folder)
     device: str | None = None  # torch/onnx device; default: cuda when present
     api_key: str | None = None  # when set, /api, /file and /thumb need it (X-API-Key, Bearer or cookie)
-    roots: tuple[Path, ...] = ()  # folders files may be served from; default: the items' common folder
+    roots: tuple[Path, ...] = ()  # folders files may be served from; default: the indexed folders (manifest roots)
     max_upload_bytes: int = 20 << 20  # request bodies of image searches beyond this get 413
     max_pixels: int = DEFAULT_MAX_PIXELS  # uploads with more pixels get 413 (decompression bombs)
     max_k: int = 100  # largest k a request may ask for

@@ -7,7 +7,10 @@ the event loop goes on serving; whatever has queued while a batch ran is embedde
 searched together as the next batch (dynamic batching), which is where throughput comes from.
 The same thread checks every ``reload_interval`` seconds whether `mmretrieve index` has
 published a new generation (or, after `--rebuild`, a new database) and loads it between
-batches, without a restart.
+batches, without a restart. The check is a few stats (manifest.json and the database file the
+reader has open, with its WAL); only when one of them changed is anything read. A new reader is
+built completely before it replaces the old one in ``readers``, a dict that is swapped whole, so
+a request never finds an index missing; if building it fails, the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -70,8 +73,12 @@ class SearchEngine:
         self.embedder = None
         self.status: dict[str, dict[str, Any]] = {}  # per index: generation, items; replaced whole
         self.problem: str | None = None  # why searches are refused, after a failed reload
-        self.on_reopen: Callable[[str], None] | None = None  # told when an index's database was replaced
-        self._identity: dict[str, tuple[int, int] | None] = {}  # (device, inode) of each items.sqlite
+        # Told (on the worker thread) when an index's database file was replaced or another one is
+        # used, or its manifest changed: on_change(name, database file, manifest).
+        self.on_change: Callable[[str, Path, dict], None] | None = None
+        self.databases: dict[str, Path] = {}  # the SQLite file each reader has open
+        self._watched: dict[str, _Watch] = {}  # what the last look at each index folder saw
+        self._warned: dict[str, str] = {}  # the last failed reload's message per index, logged once
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._fusions: dict[str, Any] = {}  # trained heads by strategy name
         self._fusion_lock = threading.Lock()
@@ -181,15 +188,17 @@ class SearchEngine:
         self.embedder = images.embedder  # loads the model now, not on the first request
         if config.compute_threads:
             _limit_threads(config.compute_threads)
-        self.readers[IMAGES] = images
+        readers = {IMAGES: images}
         if config.text_index_dir is not None:
             texts = IndexReader(config.text_index_dir, embedder=self.embedder)
             if texts.modality != "text":
                 raise EngineUnavailable(f"{config.text_index_dir} is an index of {texts.modality}s; "
                                         f"--text-index-dir needs a caption index (`mmretrieve index --texts`)")
-            self.readers[TEXTS] = texts
-        for name, reader in self.readers.items():
-            self._identity[name] = _database_identity(reader.folder)
+            readers[TEXTS] = texts
+        self.readers = readers
+        for name, reader in readers.items():
+            self.databases[name] = _database_file(reader)
+            self._watched[name] = _look(reader.folder, self.databases[name])
             self._record(name)
         self._last_check = time.monotonic()
 
@@ -207,41 +216,62 @@ class SearchEngine:
         if self.problem or now - self._last_check < self.config.reload_interval:
             return
         self._last_check = now
-        for name, reader in list(self.readers.items()):
+        for name in list(self.readers):
+            seen = _look(self.readers[name].folder, self.databases[name])
+            if seen == self._watched[name]:
+                continue  # nothing was written: the common case costs a few stats
             try:
-                if _database_identity(reader.folder) not in (None, self._identity[name]):
-                    if not self._reopen(name):
-                        continue
-                elif not reader.refresh():
-                    continue
+                loaded = self._reload(name, seen)
             except Exception as exc:  # noqa: BLE001 - keep serving what is loaded, and say why not newer
-                log.warning("could not load the new generation of %s: %s", reader.folder, exc)
+                message = f"could not load the new state of {self.readers[name].folder}: {exc}"
+                if self._warned.get(name) != message:  # once per cause, not every interval of a long rebuild
+                    log.warning("%s; still serving generation %d", message, self.readers[name].generation)
+                    self._warned[name] = message
                 continue
-            self.metrics.reloads.inc(name)
-            self._record(name)
-            log.info("loaded generation %d of %s (%d items)", self.readers[name].generation, reader.folder,
-                     len(self.readers[name].index))
+            self._warned.pop(name, None)
+            self._watched[name] = seen
+            if loaded:
+                self.metrics.reloads.inc(name)
+                self._record(name)
+                log.info("loaded generation %d of %s (%d items)", self.readers[name].generation,
+                         self.readers[name].folder, len(self.readers[name].index))
 
-    def _reopen(self, name: str) -> bool:
-        """`index --rebuild` replaced the database: open the new one once it has published, or
-        refuse searches if it was rebuilt with another model. True when a new reader is in place."""
+    def _reload(self, name: str, seen: _Watch) -> bool:
+        """Bring one index up to date after its folder changed; True when a new generation (or a
+        new database) is in place. Raises, leaving the current reader serving, when it cannot."""
         from ..index.search import IndexReader
         from ..index.store import read_manifest
 
-        folder = self.readers[name].folder
-        built_with = read_manifest(folder)["model"]
+        current = self.readers[name]
+        folder = current.folder
+        manifest = read_manifest(folder)
+        built_with = manifest["model"]
         if built_with["fingerprint"] != self.embedder.fingerprint:
             self.problem = (f"{folder} was rebuilt with model {built_with['ref']}; restart the server so that it "
                             f"embeds queries with that model")
             log.error(self.problem)
             return False
-        identity = _database_identity(folder)
-        reader = IndexReader(folder, embedder=self.embedder)  # raises until the rebuild has published
-        self.readers.pop(name).close()
-        self.readers[name], self._identity[name] = reader, identity
-        if self.on_reopen is not None:
-            self.on_reopen(name)
-        return True
+        if seen.database is not None and seen.database != self._watched[name].database:
+            # A new database file where the reader's was (what `index --rebuild` did before it
+            # built into a data folder of its own); an open connection would go on reading the
+            # old one. Open the new one completely (it raises until it has published), then
+            # swap, then close the old one.
+            fresh = IndexReader(folder, embedder=self.embedder)
+            self.readers = {**self.readers, name: fresh}
+            try:
+                current.close()
+            except Exception as exc:  # noqa: BLE001 - the new reader is in place; only log
+                log.warning("could not close the replaced reader of %s: %s", folder, exc)
+            loaded = True
+        else:
+            # A new generation, or (where the index keeps each build in its own data folder) a
+            # manifest pointing at another one: the reader loads it whole before it answers again.
+            loaded = current.refresh()
+        reader = self.readers[name]
+        self.databases[name] = _database_file(reader)  # another file: the next look stats that one
+        if self.on_change is not None:  # the manifest as read above: a later rewrite is seen next time
+            self.on_change(name, self.databases[name], manifest)
+        return loaded
 
     def _serve(self, batch: list) -> None:
         searches: dict[str, list[_Query]] = defaultdict(list)
@@ -286,8 +316,10 @@ class SearchEngine:
                 pair = text_vectors[len(texts) + n][None], pixel_vectors[len(images) + n][None]
                 vectors[i] = fuse_items(jobs[i].payload[2], *pair)[0]
         embedded = time.perf_counter()
-        # One search at the largest k; each request keeps its own prefix (scores are sorted).
-        hits = self.readers[target].search_vectors(vectors, k=max(job.k for job in jobs))
+        # One search at the largest k; each request keeps its own prefix (scores are sorted). The
+        # app bounds k (max_k); no more rows than the index holds are asked of FAISS either.
+        reader = self.readers[target]
+        hits = reader.search_vectors(vectors, k=max(1, min(max(job.k for job in jobs), len(reader.index))))
         done = time.perf_counter()
         self.metrics.batch_size.observe(len(jobs))
         self.metrics.stage_seconds.observe(embedded - started, "embed")
@@ -319,16 +351,41 @@ def _limit_threads(count: int) -> None:
     faiss().omp_set_num_threads(count)
 
 
-def _database_identity(folder: Path) -> tuple[int, int] | None:
-    """Which file the index database is now; `index --rebuild` deletes it and creates a new one,
-    which an open SQLite connection would never notice."""
+@dataclass(frozen=True)
+class _Watch:
+    """What a few stats say about an index folder; when it differs from the last look, the
+    folder is read again. The manifest is rewritten (a new file) on every publish and every
+    switch to a new data folder, and the database and its WAL change on every commit."""
+
+    database: tuple[int, int] | None  # (device, inode) of the file at the reader's database path
+    stamps: tuple  # (device, inode, mtime, size) of manifest.json, the database and its WAL
+
+
+def _look(folder: Path, database: Path) -> _Watch:
+    from ..index.store import MANIFEST
+
+    stamps = []
+    for path in (Path(folder) / MANIFEST, database, Path(f"{database}-wal")):
+        try:
+            info = os.stat(path)
+        except OSError:
+            stamps.append(None)  # e.g. between a rebuild's delete and create: keep what is loaded
+        else:
+            stamps.append((info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size))
+    return _Watch(stamps[1][:2] if stamps[1] else None, tuple(stamps))
+
+
+def _database_file(reader) -> Path:
+    """The SQLite file a reader has open, asked from its connection, so it is right wherever the
+    index keeps it."""
     from ..index.store import DATABASE
 
-    try:
-        info = os.stat(Path(folder) / DATABASE)
-    except FileNotFoundError:
-        return None  # between the rebuild's delete and create: keep what is loaded
-    return info.st_dev, info.st_ino
+    db = getattr(getattr(reader, "store", None), "db", None)
+    if db is not None:
+        for _, schema, file in db.execute("PRAGMA database_list"):
+            if schema == "main" and file:
+                return Path(file)
+    return Path(reader.folder) / DATABASE
 
 
 def _settle(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:

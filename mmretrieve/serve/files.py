@@ -1,12 +1,16 @@
 """Which files the service may send, and opening them so that what was checked is what is sent.
 
-A client names an item by its integer id, never by a path; the path comes from the index.
-The file is still refused unless, at the moment it is opened,
-- its real path (every symlink resolved) is the path the index recorded, so a file that has
-  been replaced by a symlink since indexing, or a folder on its way that has, is not followed;
-- that real path lies inside one of the served roots (``--root``; by default the folder that
-  all indexed images share);
-- it is a regular file with an image suffix.
+A client names an item by its integer id, never by a path; the path comes from the index
+(as found: a link's own name, see index/README.md). The file is still refused unless, at the
+moment it is opened,
+- it is still an item of the index (it is looked up by id on every request);
+- its real path (every symlink resolved, the file's own and its folders') lies inside one of
+  the served roots: ``--root``, else the folders that were indexed into the index (its
+  manifest's ``roots``, one per `mmretrieve index FOLDER`), else, for an index made before
+  those were recorded, the folder that all indexed images share, but never a filesystem root.
+  So a link pointing out of the photo folders (indexed with --follow-links), or a file swapped
+  for such a link after indexing, is not sent unless --root names where it points;
+- what the real path names is a regular file with an image suffix.
 The check is made on the opened descriptor (/proc/self/fd on Linux), so swapping the file
 for a symlink between the check and the read does not help either.
 """
@@ -23,7 +27,6 @@ from typing import BinaryIO, Iterable
 from urllib.parse import quote
 
 from ..images import is_image_path
-from ..index.store import DATABASE
 from .problems import RequestProblem
 
 NO_SUCH_ITEM = "no such item in the index"
@@ -40,12 +43,13 @@ class CatalogEntry:
 class Catalog:
     """Item lookups by id or path on a connection of its own, usable from any thread."""
 
-    def __init__(self, index_dir: Path, roots: Iterable[Path] = ()):
-        # Read-only: the service never writes to an index; `mmretrieve index` owns it.
-        self._uri = f"file:{quote(str(Path(index_dir).resolve() / DATABASE))}?mode=ro"
-        self._db = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+    def __init__(self, database: Path, roots: Iterable[Path] = (), manifest: dict | None = None):
         self._lock = threading.Lock()
         self._fixed_roots = tuple(os.path.realpath(root) for root in roots)
+        self._indexed_roots: tuple[str, ...] = ()
+        self._database: tuple | None = None  # (path, device, inode) of the open database
+        self._db: sqlite3.Connection | None = None
+        self.follow(database, manifest or {})
 
     def entry(self, item_id: str) -> CatalogEntry:
         if not item_id.isascii() or not item_id.isdigit() or len(item_id) > 18:
@@ -65,23 +69,41 @@ class Catalog:
         return dict(rows)
 
     def roots(self) -> tuple[str, ...]:
-        """The folders files may come from: --root, else the indexed images' common folder."""
+        """The folders files may come from: --root, else the indexed folders, else (an index
+        that does not record them) the indexed images' common folder unless that is ``/``."""
         if self._fixed_roots:
             return self._fixed_roots
+        if self._indexed_roots:
+            return self._indexed_roots
         # The common folder of all paths is that of the first and last in sorted order, and the
         # UNIQUE index on path makes MIN and MAX two lookups, however large the index.
         with self._lock:
             low, high = self._db.execute("SELECT MIN(path), MAX(path) FROM items").fetchone()
         if low is None:
             return ()
-        return (os.path.dirname(low) if low == high else os.path.commonpath([low, high]),)
+        common = os.path.dirname(low) if low == high else os.path.commonpath([low, high])
+        return () if os.path.dirname(common) == common else (common,)  # never a whole filesystem
 
-    def reopen(self) -> None:
-        """Follow the engine to a database that `index --rebuild` put in place of the old one."""
-        fresh = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+    def follow(self, database: Path, manifest: dict) -> None:
+        """Keep up with the engine: the database it reads (`index --rebuild` may have put a new
+        file there, or the index moved to another one) and the folders the manifest records."""
+        roots = manifest.get("roots") or ()
+        self._indexed_roots = tuple(dict.fromkeys(os.path.realpath(root) for root in roots
+                                                  if isinstance(root, str) and os.path.isabs(root)))
+        try:
+            info = os.stat(database)
+        except OSError:
+            return  # gone between the engine's look and now: the next reload tells again
+        identity = (str(database), info.st_dev, info.st_ino)
+        if identity == self._database:
+            return
+        # Read-only: the service never writes to an index; `mmretrieve index` owns it.
+        uri = f"file:{quote(str(Path(database).resolve()))}?mode=ro"
+        fresh = sqlite3.connect(uri, uri=True, check_same_thread=False)
         with self._lock:
-            self._db, old = fresh, self._db
-        old.close()
+            self._db, old, self._database = fresh, self._db, identity
+        if old is not None:
+            old.close()
 
     def close(self) -> None:
         self._db.close()
@@ -94,11 +116,9 @@ def _inside(path: str, root: str) -> bool:
 def open_servable(recorded: str, roots: Iterable[str]) -> tuple[BinaryIO, os.stat_result]:
     """Open an indexed file for reading if it may be served; else 403 (or 404 if it is gone)."""
     real = os.path.realpath(recorded)
-    if real != recorded:
-        raise RequestProblem(403, "this file has been replaced by a link (or moved) since it was indexed; "
-                                  "re-run `mmretrieve index` to pick up the change")
     if not any(_inside(real, root) for root in roots):
-        raise RequestProblem(403, "this file lies outside the folders this server shares")
+        raise RequestProblem(403, "this file lies outside the folders this server shares (the indexed folders, "
+                                  "or those given with --root)")
     if not is_image_path(Path(real)):
         raise RequestProblem(403, "only image files are served")
     try:
