@@ -72,12 +72,22 @@ def test_a_new_index_keeps_its_data_in_the_folder_its_manifest_names(holiday_ind
         assert store.counts() == {"items": 3, "failures": 0, "generation": 2}
 
 
+def refuse_to_create(monkeypatch):
+    """Fail the test if a data folder is made: what can be refused must be refused before."""
+    def create(*args, **kwargs):
+        raise AssertionError("a data folder was created before the run was refused")
+
+    monkeypatch.setattr(IndexStore, "create", create)
+
+
 @pytest.mark.parametrize("source", ["missing", "empty"])
-def test_a_refused_rebuild_leaves_the_index_as_it_was(holiday_index, messy_image_folder, tmp_path, embedder, source):
+def test_a_refused_rebuild_leaves_the_index_as_it_was(holiday_index, messy_image_folder, tmp_path, embedder, source,
+                                                      monkeypatch):
     before, manifest = state(holiday_index, embedder), (holiday_index / "manifest.json").read_text()
     folder = tmp_path / source
     if source == "empty":
         folder.mkdir()
+    refuse_to_create(monkeypatch)
     with pytest.raises(InputError, match="no such file or folder" if source == "missing" else "no image files"):
         build(folder, holiday_index, embedder, rebuild=True)
     assert state(holiday_index, embedder) == before == (2, ["b.png", "café ☕.webp", "tall.bmp"])
@@ -233,14 +243,16 @@ def test_failure_counts_come_from_sqlite_after_every_run(holiday_index, messy_im
     assert read_manifest(holiday_index)["counts"] == {"items": 3, "failures": 0}
 
 
-def test_a_fused_index_needs_captions_for_its_images(messy_image_folder, tmp_path, embedder, caplog):
+def test_a_fused_index_needs_captions_for_its_images(messy_image_folder, tmp_path, embedder, caplog, monkeypatch):
     from mmretrieve.fusion.resolve import resolve_fusion
 
     fusion = resolve_fusion(embedder, "mean", None)
     elsewhere = {str(tmp_path / "other" / "x.jpg"): ["a dog"]}
     found = len(GOOD_IMAGES) + len(BAD_IMAGES)
-    with pytest.raises(InputError, match=f"none of the {found} images .* has a caption"):
-        build(messy_image_folder, tmp_path / "fused", embedder, captions=elsewhere, fusion=fusion)
+    with monkeypatch.context() as patch:
+        refuse_to_create(patch)
+        with pytest.raises(InputError, match=f"none of the {found} images .* has a caption"):
+            build(messy_image_folder, tmp_path / "fused", embedder, captions=elsewhere, fusion=fusion)
     assert not (tmp_path / "fused" / "manifest.json").exists() and data_folders(tmp_path / "fused") == []
 
     one = {str((messy_image_folder / "a.jpg").resolve()): ["a photo"]}

@@ -25,7 +25,7 @@ from ..errors import IndexDamagedError, InputError
 from ..progress import progress_bar
 from .decode import _init_worker, decode_one, ordered_map
 from .lock import WriterLock
-from .scan import FileState, check_removal, check_root, plan_changes, scan_files
+from .scan import FileState, Scan, check_removal, check_root, plan_changes, scan_files
 from .store import LEGACY_STORE, MANIFEST, IndexStore, Item, read_manifest, remove_stray_data, store_name
 
 log = logging.getLogger(__name__)
@@ -263,17 +263,23 @@ def index_images(root: str | Path, index_dir: str | Path, embedder, include: tup
         raise InputError("a fused index joins each image with its caption; give the captions (--captions FILE)")
     check_root(root)  # before the lock creates the index folder
     with WriterLock(index_dir):
+        # What can be refused is refused before a data folder is made (and the old one is never touched).
+        scan = scan_files(Path(root), include, exclude, follow_links=follow_links)
+        if not scan.files and (rebuild or not (index_dir / MANIFEST).is_file()):
+            raise InputError(f"{root}: no image files to index (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+        if fusion is not None:
+            _check_captioned(Path(root), scan.files, _captions_by_found_path(captions, scan.files))
         building = {"root": str(Path(root).resolve()), "include": list(include), "exclude": list(exclude)}
         store = open_or_create(index_dir, embedder, "image", index_type, rebuild, fusion, captions_source, building)
         generation = store.generation
         try:
             report = _index_images(store, Path(root), embedder, include, exclude, batch_size, workers, commit_every,
-                                   captions, progress, memory_budget, started, fusion, follow_links, prune)
+                                   captions, progress, memory_budget, started, fusion, follow_links, prune, scan)
             finish(store, report, generation, memory_budget)
             return report
         except InputError:
             if store.fresh and store.pending:
-                store.discard()  # refused before anything was worth keeping: the index is as it was
+                store.discard()  # refused before it embedded anything worth keeping: the index is as it was
             raise
         finally:
             store.close()
@@ -349,8 +355,8 @@ def _forget_gone_failures(store: IndexStore, failed_before: dict, found: list[Fi
 
 def _index_images(store: IndexStore, root: Path, embedder, include, exclude, batch_size, workers, commit_every,
                   captions, progress, memory_budget, started, fusion=None, follow_links=False,
-                  prune=False) -> IndexReport:
-    scan = scan_files(root, include, exclude, follow_links=follow_links)
+                  prune=False, scan: Scan | None = None) -> IndexReport:
+    scan = scan if scan is not None else scan_files(root, include, exclude, follow_links=follow_links)
     found = scan.files
     if not found and not store.count():
         raise InputError(f"{root}: no image files to index (JPEG, PNG, WebP, BMP, GIF, TIFF)")
@@ -359,8 +365,6 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     check_removal(plan, str(root.resolve()), prune)  # before anything changes
     if captions is not None:
         captions = _captions_by_found_path(captions, found)
-        if fusion is not None:
-            _check_captioned(root, found, captions)
         plan.re_embed(_recaptioned(store, found, plan, captions, fusion is not None))
     if plan.touched:
         store.touch([(state.size, state.mtime_ns, state.path) for state, _ in plan.touched])
