@@ -147,7 +147,8 @@ def describe_index(ref: str | Path, verify: bool = False) -> tuple[dict[str, Any
         if not verify:
             raise
     source = "" if counts is not None else " (as the manifest last recorded them)"
-    counts = counts or {"items": m.get("counts", {}).get("items", 0), "failures": m.get("counts", {}).get("failures", 0),
+    cached = m.get("counts", {})
+    counts = counts or {"items": cached.get("items", 0), "failures": cached.get("failures", 0),
                         "generation": m.get("generation", 0)}
     lines = [f"index:        {folder}",
              f"format:       {m['format']} v{m['format_version']} (mmretrieve {m['mmretrieve_version']})",

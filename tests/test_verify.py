@@ -94,6 +94,15 @@ def test_a_healthy_index_verifies_and_records_its_files_hashes(index_dir):
     assert data["verify"]["ok"] is True and data["counts"]["items"] == 12
 
 
+def test_an_hnsw_index_verifies_with_its_row_table(photos, tmp_path):
+    build(photos, tmp_path / "idx", index_type="hnsw")
+    report = verify_index(tmp_path / "idx")
+    assert report.ok, report.lines()
+    detail = {c.name: c.detail for c in report.checks}
+    assert detail["files"] == "2 files match their recorded sizes and SHA-256: hnsw.faiss, row_ids.npy"
+    assert detail["ids"] == "FAISS and SQLite hold the same 12 ids"
+
+
 def test_an_ivfpq_index_checks_its_reranking_vector_file(photos, tmp_path):
     build(photos, tmp_path / "idx", index_type="ivfpq")
     report = verify_index(tmp_path / "idx")

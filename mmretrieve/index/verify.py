@@ -211,41 +211,37 @@ def _check_vectors(folder: Path, store, counts: dict[str, int], dim: int, checks
     if wrong:
         checks.add("files", False, f"{where}: {wrong}")
     elif recorded:
-        checks.add("files", True, (f"{len(recorded)} files match their recorded sizes and SHA-256" if len(recorded) > 1
-                                   else "1 file matches its recorded size and SHA-256") + f": {', '.join(sorted(recorded))}")
+        matched = (f"{len(recorded)} files match their recorded sizes and SHA-256" if len(recorded) > 1
+                   else "1 file matches its recorded size and SHA-256")
+        checks.add("files", True, f"{matched}: {', '.join(sorted(recorded))}")
     else:
         checks.add("files", True, "no recorded hashes: saved by an older mmretrieve; the checks below still apply")
 
     try:
-        index = load_index(vectors)
+        index = load_index(vectors, mmap=True)  # read-only, and light on memory for a large index
     except MMRetrieveError as exc:
         checks.add("faiss", False, f"{where} does not load: {getattr(exc, 'problem', exc)}")
         return checks.skip("count", "ids", "vector file", because="a loaded FAISS index")
-    try:
-        checks.add("faiss", True, f"{meta['kind']} index loads, {len(index):,} vectors of {index.dim} dimensions")
-        if index.dim != dim:
-            checks.add("count", False, f"the FAISS index is {index.dim}-d, the manifest says {dim}")
-        else:
-            checks.add("count", len(index) == counts["items"],
-                       f"FAISS {len(index):,} vectors, SQLite {counts['items']:,} items")
-        faiss_ids = np.asarray(index.ids(), dtype=np.int64)
-        sqlite_ids = np.array([row[0] for row in store.db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
-        only_faiss = np.setdiff1d(faiss_ids, sqlite_ids)
-        only_sqlite = np.setdiff1d(sqlite_ids, faiss_ids)
-        if len(only_faiss) or len(only_sqlite):
-            parts = []
-            if len(only_faiss):
-                parts.append(f"{len(only_faiss):,} FAISS ids have no SQLite item (e.g. {_examples(only_faiss)})")
-            if len(only_sqlite):
-                parts.append(f"{len(only_sqlite):,} SQLite items have no FAISS vector (e.g. {_examples(only_sqlite)})")
-            checks.add("ids", False, "; ".join(parts))
-        else:
-            checks.add("ids", True, f"FAISS and SQLite hold the same {len(faiss_ids):,} ids")
-        _check_vector_file(vectors, index, store, where, checks)
-    finally:
-        close = getattr(getattr(index, "_vectors", None), "close", None)
-        if close is not None:
-            close()
+    checks.add("faiss", True, f"{meta['kind']} index loads, {len(index):,} vectors of {index.dim} dimensions")
+    if index.dim != dim:
+        checks.add("count", False, f"the FAISS index is {index.dim}-d, the manifest says {dim}")
+    else:
+        checks.add("count", len(index) == counts["items"],
+                   f"FAISS {len(index):,} vectors, SQLite {counts['items']:,} items")
+    faiss_ids = np.asarray(index.ids(), dtype=np.int64)
+    sqlite_ids = np.array([row[0] for row in store.db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
+    only_faiss = np.setdiff1d(faiss_ids, sqlite_ids)
+    only_sqlite = np.setdiff1d(sqlite_ids, faiss_ids)
+    if len(only_faiss) or len(only_sqlite):
+        parts = []
+        if len(only_faiss):
+            parts.append(f"{len(only_faiss):,} FAISS ids have no SQLite item (e.g. {_examples(only_faiss)})")
+        if len(only_sqlite):
+            parts.append(f"{len(only_sqlite):,} SQLite items have no FAISS vector (e.g. {_examples(only_sqlite)})")
+        checks.add("ids", False, "; ".join(parts))
+    else:
+        checks.add("ids", True, f"FAISS and SQLite hold the same {len(faiss_ids):,} ids")
+    _check_vector_file(vectors, index, store, where, checks)
 
 
 def _check_vector_file(vectors: Path, index, store, where: str, checks: _Checks) -> None:
