@@ -129,6 +129,24 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         _release(locks)
 
 
+@contextlib.contextmanager
+def scratch_directory(target: str | Path) -> Iterator[Path]:
+    """A private work folder beside ``target`` (same file system, so its files can be moved into an
+    :func:`atomic_directory` of ``target`` by rename), removed on exit. It is named and locked like
+    atomic_directory's staging folder, so one a killed process left is removed by the next
+    :func:`recover_directory` of ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
+    locks = [_lock(work)]
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        _release(locks)
+
+
 def _seal(folder: Path) -> None:
     """Ordinary modes, and every file and folder flushed to disk, before the folder is published."""
     _publishable(folder, directory=True)

@@ -182,3 +182,20 @@ def test_recovery_restores_the_old_folder_when_no_new_one_is_complete(tmp_path):
     assert recover_directory(target) is True
     assert (target / "version").read_text() == "1"
     assert leftovers(tmp_path) == []
+
+
+def test_a_scratch_folder_is_kept_while_in_use_and_a_killed_ones_is_removed(tmp_path):
+    from mmretrieve.atomic import scratch_directory
+
+    target = tmp_path / "export"
+    with scratch_directory(target) as work:
+        (work / "model.onnx").write_text("graph")
+        with atomic_directory(target) as staging:  # its recovery must not take our work folder
+            os.rename(work / "model.onnx", staging / "model.onnx")
+        assert work.is_dir()
+    assert (target / "model.onnx").read_text() == "graph"
+    assert leftovers(tmp_path) == []
+    killed = tmp_path / f".export.tmp-{2**22 + 7}-abcdefgh"  # what a SIGKILL leaves: no lock held
+    killed.mkdir()
+    with scratch_directory(target):
+        assert not killed.exists()

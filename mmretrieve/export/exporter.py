@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,13 +48,13 @@ def export_model(model_ref: str, out: str | Path, precision: str = "fp32", eval_
                           f"retrieval recall holds, or --force to export it unchecked")
     eval_items = _load_eval_items(eval_data) if eval_data is not None else None
 
-    from ..atomic import atomic_directory
+    from ..atomic import atomic_directory, scratch_directory
     from ..bundle import load_bundle
 
     model = load_bundle(model_ref).to("cpu").eval()
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
+    with scratch_directory(out) as work:  # a killed export's is removed by the next one
         fp32 = Path(work) / "fp32"
         manifest = _write_fp32(model, str(model_ref), fp32, opset)
         chosen = fp32
