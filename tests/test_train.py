@@ -403,3 +403,15 @@ def test_hub_ids_fail_fast_with_one_sentence_when_the_hub_cannot_be_reached(monk
     with pytest.raises(InputError, match=r"timm's pretrained 'resnet18' weights is not in the local model cache"):
         create_encoder("timm:resnet18", pretrained=True,
                        model_kwargs={"pretrained_cfg_overlay": {"hf_hub_id": "mmretrieve-tests/never-cached"}})
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_cleanly(make_config, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")  # what such a run leaves: its settings and early lines
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "baseline": True, "val": {}}) + "\n" + '{"step": 1, "lo')
+    with pytest.raises(ConfigError, match="stopped before its first, so run the command again without --resume"):
+        Trainer(make_config(epochs=1), resume=True)
+    result = run_training(make_config(epochs=1))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps.count(0) == 1 and steps[-1] == result.steps

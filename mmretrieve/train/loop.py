@@ -246,7 +246,10 @@ class Trainer:
     def _check_output(self, resume: bool) -> None:
         has_run = ckpt.has_checkpoint(self.output / "checkpoint")
         if resume and not has_run:
-            raise ConfigError(f"nothing to resume: {self.output} holds no checkpoint")
+            started = (self.output / "train_config.json").is_file()
+            raise ConfigError(f"nothing to resume: {self.output} holds no checkpoint" +
+                              ("; the run there stopped before its first, so run the command again without --resume"
+                               if started else ""))
         if not resume and has_run:
             raise ConfigError(f"{self.output} already holds a run; pass --resume to continue it or choose another output")
         if resume:
@@ -258,6 +261,8 @@ class Trainer:
                                   f"({saved.get(changed[0])!r} then, {now[changed[0]]!r} now)")
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
+            if not resume:  # lines a run stopped before its first checkpoint had logged
+                truncate_metrics(self.output / "metrics.jsonl", -1)
             write_text_atomic(self.output / "train_config.json", json.dumps(to_dict(self.config), indent=2))
 
     def _seed(self, seed: int) -> None:
