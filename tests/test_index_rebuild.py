@@ -216,6 +216,9 @@ def test_another_index_type_reindexes_the_stored_vectors(holiday_index, messy_im
         raise AssertionError("nothing may be embedded to change the index type")
 
     monkeypatch.setattr(embedder, "embed_pixels", must_not_embed)
+    same = build(messy_image_folder / "holiday", holiday_index, embedder, index_type="flat")  # auto chose flat
+    assert (same.index_type, same.generation) == ("flat", 2) and "already is flat" in same.notes[0]
+    assert read_manifest(holiday_index)["requested_index_type"] == "flat"
     report = build(messy_image_folder / "holiday", holiday_index, embedder, index_type="hnsw")
     assert (report.index_type, report.generation, report.added) == ("hnsw", 3, 0)
     assert report.notes and "hnsw" in report.notes[0] and "without embedding" in report.notes[0]

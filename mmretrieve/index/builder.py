@@ -155,7 +155,7 @@ def _open_current(index_dir: Path, embedder, index_type: str | None, described, 
                 store.manifest.update(sources)
                 store.write_manifest()
         if index_type is not None and index_type != store.manifest.get("requested_index_type", "auto"):
-            store.reindex = index_type
+            store.reindex, store.reindex_from = index_type, store.published_index_type()[0]
     except BaseException:
         store.close()
         raise
@@ -181,15 +181,20 @@ def finish(store: IndexStore, report: IndexReport | None = None, generation_at_o
     """End a run: re-index for a new --index-type if the run did not publish, make a pending data
     folder current (deleting the one it replaced), and leave the manifest's counts right."""
     if store.reindex is not None:
-        before = store.published_index_type()[0] or "no"
+        wanted, before = store.reindex, store.reindex_from
         if store.generation == generation_at_open or not store.vectors_folder().is_dir():
-            generation, kind = publish(store, [], memory_budget)
-            if report is not None:
-                report.generation, report.index_type = generation, kind
+            if wanted == before and store.vectors_folder().is_dir():
+                store.set_requested_index_type(wanted)  # already that kind: nothing to rebuild
+            else:
+                generation, kind = publish(store, [], memory_budget)
+                if report is not None:
+                    report.generation, report.index_type = generation, kind
+        after = store.published_index_type()[0]
         if report is not None:
-            report.notes.append(f"index type {store.manifest.get('requested_index_type')} (was {before}): rebuilt "
-                                f"the {store.published_index_type()[0]} index from the {store.count():,} stored "
-                                f"vectors, without embedding anything again")
+            report.notes.append(
+                f"index type {wanted}: the {before} index was rebuilt as {after} from the {store.count():,} vectors "
+                f"stored in the index, without embedding anything again" if after != before else
+                f"index type {wanted}: the index already is {after}, so it was kept as it is")
         store.reindex = None
     if store.pending:
         if not store.vectors_folder().is_dir():

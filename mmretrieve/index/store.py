@@ -117,6 +117,7 @@ class IndexStore:
         self.replaces: str | None = None  # for a pending store: the data folder it will replace, if any
         self.fresh = False  # created by this process (not resumed)
         self.reindex: str | None = None  # another --index-type: the next publish rebuilds FAISS as this
+        self.reindex_from: str | None = None  # the FAISS index kind published before that switch
         self._data_folder = self.folder / store_name(manifest, self.folder)
         database = self._data_folder / DATABASE
         if readonly:
@@ -354,6 +355,13 @@ class IndexStore:
                                  ("index_options", json.dumps(index_options)), ("requested_index_type", requested)])
         self.manifest["updated"] = _now()
         self.sync_manifest(force=True)
+
+    def set_requested_index_type(self, requested: str) -> None:
+        """Record the index type asked for, without a new generation (the published one already is it)."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO info VALUES ('requested_index_type', ?)", (requested,))
+        self.manifest["requested_index_type"] = requested
+        self.write_manifest()
 
     def sync_manifest(self, force: bool = False) -> bool:
         """Bring the manifest's cached generation, counts and index type in line with SQLite (a
