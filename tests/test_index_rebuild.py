@@ -133,9 +133,11 @@ def test_an_ordinary_run_after_a_killed_rebuild_removes_its_data_folder(holiday_
         with pytest.raises(KeyboardInterrupt):
             build(messy_image_folder, holiday_index, embedder, rebuild=True)
     assert len(data_folders(holiday_index)) == 2
+    (holiday_index / "data-000007").mkdir()
+    (holiday_index / "data-000007" / "mine.txt").write_text("a folder of the user's, named like ours")
     report = build(messy_image_folder / "holiday", holiday_index, embedder)
     assert (report.added, report.unchanged) == (0, 3)
-    assert data_folders(holiday_index) == ["data-000001"]
+    assert data_folders(holiday_index) == ["data-000001", "data-000007"]  # only what an index wrote is removed
 
 
 def test_readers_see_the_old_index_until_the_rebuild_is_complete(holiday_index, messy_image_folder, embedder,

@@ -394,7 +394,7 @@ def remove_stray_data(folder: Path, keep: Iterable[str]) -> list[str]:
     folder, keep = Path(folder), set(keep)
     removed = []
     for data in folder.glob("data-*"):
-        if data.name not in keep and _DATA_NAME.fullmatch(data.name) and data.is_dir():
+        if data.name not in keep and _DATA_NAME.fullmatch(data.name) and data.is_dir() and _ours(data):
             shutil.rmtree(data, ignore_errors=True)
             removed.append(data.name)
     if LEGACY_STORE not in keep:
@@ -405,6 +405,12 @@ def remove_stray_data(folder: Path, keep: Iterable[str]) -> list[str]:
             shutil.rmtree(folder / VECTORS, ignore_errors=True)
             removed.append(LEGACY_STORE)
     return removed
+
+
+def _ours(data: Path) -> bool:
+    """A data folder an index wrote (a database, a pending build, or still empty), not a user's
+    folder that happens to be named like one."""
+    return (data / DATABASE).exists() or (data / PENDING).exists() or not any(data.iterdir())
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
