@@ -195,6 +195,21 @@ def test_an_unchanged_index_is_not_read_again_on_every_query(small_index, monkey
         assert "more.png" in {Path(h["path"]).name for h in search(client, k=10)["results"]}
 
 
+def test_a_damaged_database_gets_503_with_a_sentence_not_500(small_index, caplog):
+    index_dir = small_index["index"]
+    index_folder(small_index["photos"], index_dir, "--model", str(small_index["bundle"]))
+    database = database_of(index_dir)
+    with small_app(small_index) as client:
+        ids = [h["id"] for h in search(client, k=3)["results"]]
+        database.write_bytes(os.urandom(database.stat().st_size))  # the same file, overwritten
+        with caplog.at_level(logging.ERROR, logger="mmretrieve.serve.app"):
+            for url in (f"/file/{ids[0]}", f"/thumb/{ids[1]}"):
+                refused = client.get(url)
+                assert refused.status_code == 503 and "rebuild" in refused.json()["error"]
+                assert str(index_dir) not in refused.text  # the folder is for the log, not the client
+        assert any("--rebuild" in r.getMessage() and str(index_dir) in r.getMessage() for r in caplog.records)
+
+
 # -- fusion weights, k, /health (item 11) -----------------------------------------------------
 
 def test_weights_whose_sum_overflows_keep_their_ratio():

@@ -33,7 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import MMRetrieveError
+from ..errors import IndexDamagedError, MMRetrieveError
 from .auth import check_key
 from .config import ServeConfig
 from .engine import IMAGES, TEXTS, EngineBusy, EngineUnavailable, SearchEngine
@@ -59,7 +59,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     metrics = ServiceMetrics()
     engine = SearchEngine(config, metrics)
     try:
-        catalog = Catalog(engine.databases[IMAGES], config.roots, engine.readers[IMAGES].manifest)
+        catalog = Catalog(config.index_dir, engine.databases[IMAGES], config.roots, engine.readers[IMAGES].manifest)
     except Exception:
         engine.close()
         raise
@@ -115,6 +115,13 @@ def create_app(config: ServeConfig) -> FastAPI:
             metrics.rejected.inc("busy")
             return JSONResponse({"error": str(exc)}, 503, headers={"Retry-After": "1"})
         return JSONResponse({"error": str(exc)}, 503)
+
+    @app.exception_handler(IndexDamagedError)
+    async def _damaged(request: Request, exc: IndexDamagedError):
+        # The operator's problem, not the client's: the log has the folder and the command.
+        log.error("%s", exc)
+        return JSONResponse({"error": "the index is damaged; the server's operator must rebuild it "
+                                      "(the server log says how)"}, 503)
 
     @app.exception_handler(MMRetrieveError)
     async def _input(request: Request, exc: MMRetrieveError):

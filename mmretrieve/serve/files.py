@@ -18,15 +18,14 @@ for a symlink between the check and the read does not help either.
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
-from urllib.parse import quote
 
 from ..images import is_image_path
+from ..index.damage import GuardedConnection
 from .problems import RequestProblem
 
 NO_SUCH_ITEM = "no such item in the index"
@@ -43,12 +42,13 @@ class CatalogEntry:
 class Catalog:
     """Item lookups by id or path on a connection of its own, usable from any thread."""
 
-    def __init__(self, database: Path, roots: Iterable[Path] = (), manifest: dict | None = None):
+    def __init__(self, index_dir: Path, database: Path, roots: Iterable[Path] = (), manifest: dict | None = None):
+        self._index_dir = Path(index_dir)
         self._lock = threading.Lock()
         self._fixed_roots = tuple(os.path.realpath(root) for root in roots)
         self._indexed_roots: tuple[str, ...] = ()
         self._database: tuple | None = None  # (path, device, inode) of the open database
-        self._db: sqlite3.Connection | None = None
+        self._db: GuardedConnection | None = None
         self.follow(database, manifest or {})
 
     def entry(self, item_id: str) -> CatalogEntry:
@@ -97,9 +97,9 @@ class Catalog:
         identity = (str(database), info.st_dev, info.st_ino)
         if identity == self._database:
             return
-        # Read-only: the service never writes to an index; `mmretrieve index` owns it.
-        uri = f"file:{quote(str(Path(database).resolve()))}?mode=ro"
-        fresh = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        # Read-only: the service never writes to an index; `mmretrieve index` owns it. Guarded:
+        # a damaged database is an IndexDamagedError (503), not a raw sqlite3 error (500).
+        fresh = GuardedConnection(self._index_dir, Path(database).resolve(), readonly=True, check_same_thread=False)
         with self._lock:
             self._db, old, self._database = fresh, self._db, identity
         if old is not None:
