@@ -3,12 +3,12 @@ reader sees, finish the run and compare it with an uninterrupted one.
 
 Every command runs as a subprocess of the CLI (``python -m mmretrieve``), so the script depends on
 no internals. Per scenario an uninterrupted reference run is made first (timed, and traced with
-strace to count the renames, fsyncs and unlinks it makes in its output folder). Then each trial
+strace to count the renames and fsyncs it makes in its output folder). Then each trial
 copies the starting state, starts the command and kills its process group with SIGKILL:
 
     random   after a delay drawn uniformly over the span in which the reference run changed its
              output folder (polled every 20 ms), counted from the trial's own first change;
-    window   under ``strace -e inject=rename,...,fsync,...:delay_exit=...``, which holds every such
+    window   under ``strace -e inject=rename,renameat2,fsync,...:delay_exit=...``, which holds every such
              syscall for a while after it has taken effect; the k-th one that touches the output
              (k drawn over the reference's count) is the kill point, so the kill lands between a
              rename and the next step (needs strace and ptrace rights).
@@ -53,7 +53,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("index", "update", "rebuild", "train", "export")
 KINDS = ("random", "window")
-WINDOW_SYSCALLS = "rename,renameat,renameat2,fsync,fdatasync,unlink,unlinkat,rmdir"
+WINDOW_SYSCALLS = "rename,renameat,renameat2,fsync,fdatasync"  # the steps that publish (kill points)
 WINDOW_DELAY_US = 150_000
 QUERIES = ("a red dog", "a blue car", "a green ball on the grass")
 TOLERANCE = 1e-5
@@ -194,7 +194,8 @@ def launch(command: list[str], targets: list[Path], workdir: Path, kill_after: f
 # -- reading state through the public API, in one long-lived process ------------------------------
 
 PROBE = r'''
-import json, sys, traceback
+import json, sys
+answers, sys.stdout = sys.stdout, sys.stderr  # whatever the library prints stays off the answers
 def search(request):
     import mmretrieve.api as mm
     index = mm.open_index(request["index"])
@@ -226,13 +227,15 @@ def handle(request):
         a, b = tensors(request["a"], request["kind"]), tensors(request["b"], request["kind"])
         if a.keys() != b.keys():
             return {"keys": sorted(set(a) ^ set(b))[:5]}
-        return {"max_abs": max((float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a if a[k].size), default=0.0)}
+        diffs = [float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a if a[k].size]
+        return {"max_abs": max(diffs, default=0.0)}
 for line in sys.stdin:
     try:
         answer = handle(json.loads(line))
-    except Exception as exc:
-        answer = {"error": f"{type(exc).__name__}: {exc}", "traceback": not type(exc).__module__.startswith("mmretrieve")}
-    print(json.dumps(answer), flush=True)
+    except Exception as exc:  # an mmretrieve error is one sentence; anything else would be a traceback
+        answer = {"error": f"{type(exc).__name__}: {exc}",
+                  "traceback": not type(exc).__module__.startswith("mmretrieve")}
+    print(json.dumps(answer), file=answers, flush=True)
 '''
 
 
@@ -333,12 +336,12 @@ class Scenario:
         for round_ in range(kills):
             if round_ and not self.can_resume(folder):
                 break
-            command = self.command(folder, resume=round_ > 0)
+            command, targets = self.command(folder, resume=round_ > 0), [self.output(folder)]
             if kind == "window":
-                run = launch(command, [self.output(folder)], folder, kill_at_event=rng.randint(1, max(1, self.reference.events)))
+                run = launch(command, targets, folder, kill_at_event=rng.randint(1, max(1, self.reference.events)))
             else:
                 span = (self.reference.last_change or 0.0) - (self.reference.first_change or 0.0)
-                run = launch(command, [self.output(folder)], folder, kill_after=rng.uniform(0.0, span + 0.2))
+                run = launch(command, targets, folder, kill_after=rng.uniform(0.0, span + 0.2))
             trial.kills += 1
             trial.landed += run.landed
             trial.points.append(run.kill_point or f"finished in {run.seconds:.1f}s")
@@ -421,9 +424,10 @@ class IndexScenario(Scenario):
         if len(hits) != items:
             problems.append(f"info reports {items} items, search returns {len(hits)}")
         if self.exact:
-            if self.differences(state, new) and (old["rc"] or self.differences(state, old)):
-                problems.append("neither the old nor the new state: " + "; ".join(
-                    self.differences(state, new)[:2] + (self.differences(state, old)[:2] if not old["rc"] else [])))
+            versus_new, versus_old = self.differences(state, new), [] if old["rc"] else self.differences(state, old)
+            if versus_new and (old["rc"] or versus_old):
+                problems.append(f"neither the old nor the new state (new: {'; '.join(versus_new[:3])}"
+                                + (f"; old: {'; '.join(versus_old[:3])})" if versus_old else ")"))
             return problems
         old_hits, new_hits = old.get("hits", {}), new["hits"]
         stray = [p for p in hits if p not in old_hits and p not in new_hits]
@@ -543,12 +547,12 @@ class TrainScenario(Scenario):
                 out.append(d)
         except (OSError, ValueError) as exc:
             out.append(f"summary.json: {exc}")
-        records = [without_timings(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        expected = [without_timings(json.loads(line)) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+        records, expected = ([without_timings(json.loads(line)) for line in lines]
+                             for lines in ((f / "metrics.jsonl").read_text().splitlines() for f in (run, reference)))
         if (d := close(records, expected, "metrics.jsonl")):
-            steps = [r.get("step") for r in records]
-            repeated = sorted({s for s in steps if steps.count(s) > 1 + sum(1 for r in expected if r.get("step") == s) - 1})
-            out.append(f"{d}" + (f" (steps repeated: {repeated[:6]})" if repeated else ""))
+            steps, once = [r.get("step") for r in records], [r.get("step") for r in expected]
+            repeated = sorted({s for s in steps if steps.count(s) > once.count(s)})
+            out.append(d + (f" (steps logged again: {repeated[:6]})" if repeated else ""))
         for name, kind, rel in (("checkpoint", "checkpoint", "checkpoint/state.pt"),
                                 ("best weights", "safetensors", "best/weights.safetensors")):
             answer = self.fx.probe.ask(op="diff", a=str(run / rel), b=str(reference / rel), kind=kind)
@@ -620,7 +624,8 @@ class Fixture:
         self.train_config = self.work / "train.json"
         self.train_config.write_text(json.dumps({
             "model": {"text": {"encoder": "bert", "options": {"model_name": str(bert), "max_length": 16}},
-                      "image": {"encoder": "timm:test_efficientnet", "options": {"pretrained": False, "image_size": 48}},
+                      "image": {"encoder": "timm:test_efficientnet",
+                                "options": {"pretrained": False, "image_size": 48}},
                       "embed_dim": 16},
             "text": {"mode": "top:1", "lr": 1e-3}, "val_size": 14, "batch_size": 7, "epochs": 2, "eval_every": 3,
             "warmup_steps": 2, "workers": 0, "head_lr": 0.01, "log_every": 1}, indent=2))
@@ -694,7 +699,7 @@ def prepare(fx: Fixture, chosen: list[str], trace: bool) -> dict[str, Scenario]:
     for name in chosen:
         ref = scenarios[name].reference
         log(f"  {name}: {ref.seconds:.1f} s uninterrupted, output changes from {ref.first_change or 0:.1f} s "
-            f"to {ref.last_change or 0:.1f} s" + (f", {ref.events} renames/fsyncs/unlinks there" if trace else ""))
+            f"to {ref.last_change or 0:.1f} s" + (f", {ref.events} renames/fsyncs there" if trace else ""))
     log(f"set-up took {time.monotonic() - started:.0f} s")
     return {name: scenarios[name] for name in chosen}
 
