@@ -90,6 +90,8 @@ class BertEncoder(Encoder):
                     else AutoModel.from_config(config, add_pooling_layer=False)
             return config, model, _fast_tokenizer(model_name)
 
+        if not Path(model_name).is_dir() and (Path(model_name).is_absolute() or model_name.startswith((".", "~"))):
+            raise InputError(f"cannot load BERT checkpoint {model_name!r}: no such folder")  # a path, not a hub id
         try:
             # A hub id: the cache first, the hub only if it answers (its retries take ~30 s).
             config, model, tokenizer = load() if Path(model_name).is_dir() else \
