@@ -8,8 +8,8 @@ copies the starting state, starts the command and kills its process group with S
 
     random   after a delay drawn uniformly over the span in which the reference run changed its
              output folder (polled every 20 ms), counted from the trial's own first change;
-    window   under ``strace -e inject=rename,renameat2,fsync,...:delay_exit=...``, which holds every such
-             syscall for a while after it has taken effect; the k-th one that touches the output
+    window   under ``strace -e inject=rename,renameat2,fsync,...:delay_exit=...``, which holds each
+             such syscall for a while after it has taken effect; the k-th one that touches the output
              (k drawn over the reference's count) is the kill point, so the kill lands between a
              rename and the next step (needs strace and ptrace rights).
 
@@ -22,8 +22,8 @@ completion (``train`` with ``--resume`` once a checkpoint exists) and compared w
 reference: index items, counts and search scores (1e-5), training summary, metrics.jsonl,
 checkpoint and best-bundle weights (1e-5), export manifest (hashes, parity).
 
-    python benchmarks/fault_injection.py [--trials 3] [--seed 0] [--scenarios index,update,rebuild,train,export]
-                                         [--kinds random,window] [--work DIR] [--json FILE]
+    python benchmarks/fault_injection.py [--trials 3] [--seed 0] [--kinds random,window]
+        [--scenarios index,update,rebuild,train,export] [--images 100] [--work DIR] [--json FILE]
 
 Scenarios: index (a fresh index, generations published every 24 images), update (an index of a
 folder that since gained, lost and changed files), rebuild (``--rebuild`` with another model over
@@ -297,8 +297,9 @@ class Scenario:
         self.reference_state: Any = None
         self.old_state: Any = None
 
-    # subclasses: start(folder), command(folder, resume), target(folder), observe(folder),
-    # consistent(state) -> problems, compare(folder) -> differences
+    # A scenario gives: output(folder) (what it writes), start(folder) (the state before the run),
+    # command(folder, resume), observe(folder) (what a reader sees), consistent(state) -> problems
+    # after a kill, compare(folder) -> differences of a finished run from the reference.
     def start(self, folder: Path) -> None:
         pass
 
@@ -652,7 +653,7 @@ class Fixture:
             Image.fromarray(pixels).save(self.photos / f"added_{n}.jpg", quality=90)
 
 
-def build_fixture(work: Path, images: int, scenarios: list[str]) -> Fixture:
+def build_fixture(work: Path, images: int) -> Fixture:
     fx = Fixture(work, images)
     fx.make_data()
     fx.make_photos()
@@ -723,9 +724,9 @@ def table(trials: list[Trial], chosen: list[str], kinds: list[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--trials", type=int, default=3, help="trials per scenario and kill kind (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="draws of kill points (default 0)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
     parser.add_argument("--kinds", default=",".join(KINDS), help="random, window (window needs strace)")
     parser.add_argument("--images", type=int, default=100, help="photos in the folder indexed (default 100)")
@@ -745,7 +746,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    fx = build_fixture(work.resolve(), args.images, chosen)
+    fx = build_fixture(work.resolve(), args.images)
     trials: list[Trial] = []
     try:
         scenarios = prepare(fx, chosen, trace="window" in kinds)
