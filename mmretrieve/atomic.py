@@ -12,6 +12,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -93,9 +94,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(target)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
+    staging, lock = _locked_folder(target)
     suffix = staging.name.rpartition(".tmp-")[2]
-    locks = [_lock(staging)]
+    locks = [lock]
     published = False
     try:
         yield staging
@@ -138,13 +139,32 @@ def scratch_directory(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(target)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
-    locks = [_lock(work)]
+    work, lock = _locked_folder(target)
+    locks = [lock]
     try:
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
         _release(locks)
+
+
+def _locked_folder(target: Path) -> tuple[Path, int | None]:
+    """A new ``.NAME.tmp-PID-*`` folder beside ``target``, already locked when it gets that name.
+
+    It is made as ``.NAME.init-PID-*`` and renamed only once locked: another process's
+    :func:`recover_directory` removes an unlocked ``.tmp-`` folder as a killed writer's, and
+    touches an ``.init-`` one only when its process is gone too."""
+    made = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.init-{os.getpid()}-"))
+    locks: list[int | None] = []
+    try:
+        locks.append(_lock(made))
+        folder = made.with_name(f".{target.name}.tmp-{made.name.rpartition('.init-')[2]}")
+        os.rename(made, folder)
+    except BaseException:
+        shutil.rmtree(made, ignore_errors=True)
+        _release(locks)
+        raise
+    return folder, locks[0]
 
 
 def _seal(folder: Path) -> None:
@@ -226,8 +246,11 @@ def _release(locks: list[int | None]) -> None:
             os.close(fd)
 
 
-def _claim(folder: Path, pid: int) -> tuple[bool, int | None]:
-    """(True, fd) when the writer of a leftover folder is gone, the folder now locked by us."""
+def _claim(folder: Path, kind: str, pid: int | None) -> tuple[bool, int | None]:
+    """(True, fd) when the writer of a leftover folder is gone, the folder now locked by us (fd is
+    None where there is no flock). An ``.init-`` folder is not locked yet while its writer lives,
+    so its pid must be gone as well; a folder of the code before issue 13 (no pid, never locked)
+    is claimed when no one locks it, and its caller guards by age."""
     if fcntl is not None:
         try:
             fd = os.open(folder, os.O_RDONLY)
@@ -235,13 +258,17 @@ def _claim(folder: Path, pid: int) -> tuple[bool, int | None]:
             return False, None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True, fd
         except BlockingIOError:
             os.close(fd)
             return False, None
-        except OSError:
+        except OSError:  # a file system without flock: the pid alone tells
             os.close(fd)
-    return not _alive(pid), None
+        else:
+            if pid is not None and kind == "init" and _alive(pid):
+                os.close(fd)
+                return False, None
+            return True, fd
+    return pid is None or not _alive(pid), None
 
 
 def _alive(pid: int) -> bool:
@@ -256,37 +283,63 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Leftovers of the code before issue 13 carry no pid and were never locked, so only their age
+# tells that their writer is gone: a day is far beyond any save (writers fill their folder
+# within seconds to minutes, and each file added refreshes the folder's time).
+LEGACY_AGE_S = 86400.0
+
+
 def recover_directory(target: str | Path) -> bool:
     """Repair what an interrupted :func:`atomic_directory` left beside ``target``.
 
     When ``target`` is missing (a kill between the fallback's renames), the newest complete
     leftover is renamed back to it: a ``.NAME.new-*`` folder, else the ``.NAME.old-*`` one. Leftovers
-    whose writer is gone (``.NAME.tmp-*``, ``.NAME.new-*``, ``.NAME.old-*``) are then removed; those of
-    a writer still running are left alone. Returns True when ``target`` was restored. Never
-    raises for a folder it cannot change (a reader may lack write access).
+    whose writer is gone (``.NAME.init-*``, ``.NAME.tmp-*``, ``.NAME.new-*``, ``.NAME.old-*``) are then
+    removed; those of a writer still running are left alone. Returns True when ``target`` was
+    restored. Never raises for a folder it cannot change (a reader may lack write access).
+
+    Leftovers of versions before this one (``.NAME.tmp-XXXXXXXX`` and ``.NAME.old-XXXXXXXX``
+    without a pid) are handled too: an ``.old-*/old`` folder is the complete old folder of a
+    replacement killed between its two renames and is restored when ``target`` is missing;
+    other such leftovers are removed only when no one locks them and they are older than
+    ``LEGACY_AGE_S`` (those writers took no lock, so age is the guard).
     """
     target = Path(target)
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|new|old)-(\d+)-[A-Za-z0-9_]+")
+    name = re.escape(target.name)
+    pattern = re.compile(rf"\.{name}\.(init|tmp|new|old)-(\d+)-[A-Za-z0-9_]+")
+    legacy = re.compile(rf"\.{name}\.(tmp|old)-[a-z0-9_]{{8}}")  # tempfile.mkdtemp's 8 characters
+    found: list[tuple[str, int | None, Path]] = []
     try:
         with os.scandir(target.parent) as entries:
-            found = [(match.group(1), int(match.group(2)), target.parent / entry.name) for entry in entries
-                     if (match := pattern.fullmatch(entry.name)) and entry.is_dir(follow_symlinks=False)]
+            for entry in entries:
+                if match := pattern.fullmatch(entry.name):
+                    kind, pid = match.group(1), int(match.group(2))
+                elif match := legacy.fullmatch(entry.name):
+                    kind, pid = match.group(1), None
+                else:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    found.append((kind, pid, target.parent / entry.name))
     except OSError:
         return False
     if not found:
         return False
-    claimed: list[tuple[str, Path]] = []
+    claimed: list[tuple[str, int | None, Path]] = []
     locks: list[int | None] = []
     restored = False
     try:
         for kind, pid, path in found:
-            gone, fd = _claim(path, pid)
+            gone, fd = _claim(path, kind, pid)
             locks.append(fd)
             if gone:
-                claimed.append((kind, path))
+                claimed.append((kind, pid, path))
         if not os.path.lexists(target):
-            for wanted in ("new", "old"):  # a tmp folder may be incomplete: never restored
-                candidates = [path for kind, path in claimed if kind == wanted]
+            for wanted in ("new", "old", "legacy"):  # a tmp folder may be incomplete: never restored
+                if wanted == "legacy":
+                    candidates = [path / "old" for kind, pid, path in claimed
+                                  if kind == "old" and pid is None and (path / "old").is_dir()]
+                else:
+                    candidates = [path for kind, pid, path in claimed if kind == wanted and pid is not None]
                 if candidates:
                     newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
                     with contextlib.suppress(OSError):
@@ -295,10 +348,17 @@ def recover_directory(target: str | Path) -> bool:
                         restored = True
                         log.warning("%s was missing after an interrupted write; restored the newest complete copy",
                                     target)
+                        if wanted == "legacy":  # its emptied holder goes now, whatever its age
+                            with contextlib.suppress(OSError):
+                                newest.parent.rmdir()
                     break
-        for _, path in claimed:
-            if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
+        now = time.time()
+        for _, pid, path in claimed:
+            with contextlib.suppress(OSError):
+                if pid is None and now - path.stat().st_mtime < LEGACY_AGE_S:
+                    continue
+                if path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
     finally:
         _release(locks)
     return restored

@@ -101,7 +101,8 @@ def test_an_exception_between_the_fallbacks_renames_leaves_a_complete_folder(tmp
 
     def rename(src, dst):
         real_rename(src, dst)
-        calls.append(dst)
+        if ".init-" not in str(src):  # not the staging folder getting its name once locked
+            calls.append(dst)
         if len(calls) == 2:  # staged -> .new-*, then old -> .old-*: the target is missing now
             raise SystemExit("killed")
 
@@ -125,7 +126,8 @@ def exchange(a, b):
     os._exit(9)  # swapped, the old folder not yet removed
 def rename(a, b):
     real_rename(a, b)
-    renames.append(b)
+    if ".init-" not in str(a):  # not the staging folder getting its name once locked
+        renames.append(b)
     if mode == "fallback" and len(renames) == 2:
         os._exit(9)  # the old folder moved aside, the new one not yet in place
 atomic._exchange, os.rename = exchange, rename
@@ -199,3 +201,76 @@ def test_a_scratch_folder_is_kept_while_in_use_and_a_killed_ones_is_removed(tmp_
     killed.mkdir()
     with scratch_directory(target):
         assert not killed.exists()
+
+
+def recover_in_another_process(target) -> None:
+    """What another process's reader (resolve_model, is_export, load_checkpoint) runs."""
+    subprocess.run([sys.executable, "-c", "import sys; from mmretrieve.atomic import recover_directory; "
+                    "recover_directory(sys.argv[1])", str(target)], check=True)
+
+
+@pytest.mark.parametrize("context", ["atomic_directory", "scratch_directory"])
+def test_another_process_recovering_before_the_writer_locks_its_folder_leaves_it_alone(
+        tmp_path, monkeypatch, context):
+    """The staging folder exists before its lock is taken; a recovery in that gap must not
+    mistake it for a killed writer's leftover."""
+    target = tmp_path / "bundle"
+    write_version(target, "1")
+    real_lock = atomic._lock
+
+    def late_lock(folder):
+        recover_in_another_process(target)
+        return real_lock(folder)
+
+    monkeypatch.setattr(atomic, "_lock", late_lock)
+    with getattr(atomic, context)(target) as staging:
+        assert staging.is_dir()
+        (staging / "version").write_text("2")
+        if context == "scratch_directory":
+            os.rename(staging / "version", staging / "moved")
+    expected = "2" if context == "atomic_directory" else "1"
+    assert (target / "version").read_text() == expected
+    assert leftovers(tmp_path) == []
+
+
+def test_a_killed_writers_unlocked_initial_folder_is_removed_once_its_process_is_gone(tmp_path):
+    target = tmp_path / "bundle"
+    write_version(target, "1")
+    (tmp_path / f".bundle.init-{2**22 + 99}-abcdefgh").mkdir()  # killed before it locked and renamed it
+    mine = tmp_path / f".bundle.init-{os.getpid()}-abcdefgh"  # a live process about to lock it
+    mine.mkdir()
+    assert recover_directory(target) is False
+    assert leftovers(tmp_path) == [mine.name]
+
+
+# -- leftovers of the code before issue 13 (no pid, no lock; `.old-*` held the old folder as `old`) --
+def age(path, days: float) -> None:
+    import time
+
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
+def test_an_older_versions_killed_replacement_is_recovered_from_its_old_folder(tmp_path):
+    target = tmp_path / "bundle"
+    write_version(target, "1")
+    retired = tmp_path / ".bundle.old-k3j_9x2a"
+    retired.mkdir()
+    os.rename(target, retired / "old")  # the old code was killed here, before moving the new one in
+    (tmp_path / ".bundle.tmp-q8w7e6r5").mkdir()  # its new folder: complete or not, nobody can tell
+    assert recover_directory(target) is True
+    assert (target / "version").read_text() == "1"
+    assert leftovers(tmp_path) == [".bundle.tmp-q8w7e6r5"]  # recent: an old writer might still fill it
+
+
+def test_an_older_versions_leftovers_are_removed_after_a_day(tmp_path):
+    target = tmp_path / "bundle"
+    write_version(target, "1")
+    for name in (".bundle.tmp-q8w7e6r5", ".bundle.old-k3j_9x2a", ".bundle.tmp-fresh123", ".other.tmp-q8w7e6r5"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".bundle.old-k3j_9x2a" / "old").mkdir()  # killed while deleting the retired folder
+    for name in (".bundle.tmp-q8w7e6r5", ".bundle.old-k3j_9x2a", ".other.tmp-q8w7e6r5"):
+        age(tmp_path / name, 2)
+    assert recover_directory(target) is False
+    assert leftovers(tmp_path) == [".bundle.tmp-fresh123", ".other.tmp-q8w7e6r5"]
+    assert (target / "version").read_text() == "1"
