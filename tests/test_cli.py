@@ -102,10 +102,20 @@ def test_embed_with_a_model_bundle_writes_both_modalities(run, tiny_model, messy
 
 
 def test_embed_reads_encoder_options_from_a_config_file(run, tiny_bert_dir, tmp_path):
+    from mmretrieve.encoders import create_encoder
+
     config = tmp_path / "enc.yaml"
     config.write_text(f"model_name: {tiny_bert_dir}\npooling: cls\n")
-    result = run("embed", "--encoder", "bert", "--config", config, "--text", "a cat", "-o", tmp_path / "e.npy")
+    texts = ["a red cat", "two dogs on the beach"]
+    result = run("embed", "--encoder", "bert", "--config", config, "--text", texts[0], "--text", texts[1],
+                 "-o", tmp_path / "e.npy")
     assert result.exit_code == 0, result.output
+    assert "text: 2 x 32 float32" in result.output  # the tiny BERT's width, not bert-base-uncased's 768
+    rows = np.load(tmp_path / "e.npy")
+    cls = create_encoder("bert", model_name=str(tiny_bert_dir), pooling="cls").embed(texts)
+    mean = create_encoder("bert", model_name=str(tiny_bert_dir), pooling="mean").embed(texts)
+    np.testing.assert_allclose(rows, cls, atol=1e-5)  # `pooling: cls` from the file took effect
+    assert np.abs(rows - mean).max() > 1e-2  # ...and the default (mean) would have been told apart
 
 
 @pytest.mark.parametrize("args, message", [
