@@ -135,6 +135,7 @@ def test_a_killed_rebuild_leaves_the_old_index_answering_and_a_rerun_equals_an_u
     # Parked when it opens its 7th photo: three batches of the new model embedded by then.
     kill_at([*rebuild, "--index-dir", killed], "open", str(photos), 7, tmp_path)
     assert_same_view(index_view(killed), before)  # readers still get the old, complete index
+    cli("info", killed, "--verify")
 
     cli(*rebuild, "--index-dir", killed)
     cli(*rebuild, "--index-dir", straight)
@@ -166,6 +167,7 @@ def test_a_train_killed_while_replacing_its_checkpoint_resumes_to_the_uninterrup
     checkpoint = tmp_path / "killed" / "checkpoint" / "state.pt"
     assert checkpoint.is_file(), sorted(p.name for p in (tmp_path / "killed").iterdir())
     assert json.loads(torch.load(checkpoint, weights_only=True)["trainer"])["step"] >= 1
+    cli("info", tmp_path / "killed" / "best", "--verify")
 
     cli(*train, "-o", tmp_path / "killed", "--resume")
     cli(*train, "-o", tmp_path / "straight")
