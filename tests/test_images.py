@@ -14,6 +14,37 @@ def test_list_images_recurses_skips_hidden_and_non_images(messy_image_folder):
     assert names == GOOD_IMAGES | BAD_IMAGES
 
 
+def _mode_samples():
+    """(name, image in a non-RGB mode, the RGB each of its four pixels must become)."""
+    grey = Image.fromarray(np.array([[0, 77], [200, 255]], dtype=np.uint8))  # L
+    palette = Image.new("P", (2, 2))
+    palette.putpalette([220, 20, 30, 30, 200, 40, 30, 40, 220, 250, 250, 0] + [0] * 756)
+    palette.putdata([0, 1, 2, 3])
+    bilevel = Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8)).convert("1")
+    rgba = Image.fromarray(np.array([[(220, 20, 30, 255), (30, 200, 40, 0)],
+                                     [(30, 40, 220, 255), (0, 0, 0, 0)]], dtype=np.uint8))
+    cmyk = Image.frombytes("CMYK", (2, 2), bytes([35, 235, 225, 0, 225, 55, 215, 0,  # K=0: exactly 255 - C/M/Y
+                                                  225, 215, 35, 0, 0, 0, 0, 255]))  # full K: black
+    red, green, blue, white = (220, 20, 30), (30, 200, 40), (30, 40, 220), (255, 255, 255)
+    return [pytest.param(*sample, id=sample[0]) for sample in [
+        ("grey.png", grey, [(0, 0, 0), (77, 77, 77), (200, 200, 200), white]),
+        ("palette.png", palette, [red, green, blue, (250, 250, 0)]),
+        ("bilevel.bmp", bilevel, [(0, 0, 0), white, white, (0, 0, 0)]),
+        ("rgba.png", rgba, [red, white, blue, white]),  # transparent pixels on white, not their hidden colour
+        ("cmyk.tif", cmyk, [red, green, blue, (0, 0, 0)]),
+    ]]
+
+
+@pytest.mark.parametrize("name, image, expected", _mode_samples())
+def test_every_colour_mode_loads_as_rgb_with_its_pixels(tmp_path, name, image, expected):
+    image.save(tmp_path / name)
+    with Image.open(tmp_path / name) as stored:
+        assert stored.mode == image.mode != "RGB"  # the file really holds the non-RGB mode
+    loaded = load_image(tmp_path / name)
+    assert loaded.mode == "RGB" and loaded.size == (2, 2)
+    assert np.asarray(loaded).reshape(4, 3).tolist() == [list(pixel) for pixel in expected]
+
+
 def test_good_images_load_as_rgb(messy_image_folder):
     for path in list_images(messy_image_folder):
         if path.name in GOOD_IMAGES:
