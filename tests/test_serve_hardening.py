@@ -195,6 +195,29 @@ def test_an_unchanged_index_is_not_read_again_on_every_query(small_index, monkey
         assert "more.png" in {Path(h["path"]).name for h in search(client, k=10)["results"]}
 
 
+def test_a_rebuild_is_loaded_once_not_again_on_the_next_check(small_index, monkeypatch):
+    """After a rebuild moved the index to a new data folder, what the server remembers is the look
+    of the new database: the next checks find nothing changed instead of opening it a second time."""
+    photos, index_dir = small_index["photos"], small_index["index"]
+    index_folder(photos, index_dir, "--model", str(small_index["bundle"]))
+    opened = []
+    real_store = index_search.IndexStore
+
+    def counted(*args, **kwargs):
+        opened.append(args[0] if args else None)
+        return real_store(*args, **kwargs)
+
+    monkeypatch.setattr(index_search, "IndexStore", counted)
+    with small_app(small_index) as client:  # reload_interval=0: a look before every batch
+        search(client)
+        before = len(opened)
+        random_image(62).save(photos / "rebuilt.png")
+        index_folder(photos, index_dir, "--rebuild")
+        for _ in range(4):
+            assert "rebuilt.png" in {Path(h["path"]).name for h in search(client, k=10)["results"]}
+        assert len(opened) - before == 1  # the rebuilt index's database, opened once
+
+
 def test_a_damaged_database_gets_503_with_a_sentence_not_500(small_index, caplog):
     index_dir = small_index["index"]
     index_folder(small_index["photos"], index_dir, "--model", str(small_index["bundle"]))

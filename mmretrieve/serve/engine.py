@@ -217,7 +217,8 @@ class SearchEngine:
             return
         self._last_check = now
         for name in list(self.readers):
-            seen = _look(self.readers[name].folder, self.databases[name])
+            watched_database = self.databases[name]
+            seen = _look(self.readers[name].folder, watched_database)
             if seen == self._watched[name]:
                 continue  # nothing was written: the common case costs a few stats
             try:
@@ -229,6 +230,13 @@ class SearchEngine:
                     self._warned[name] = message
                 continue
             self._warned.pop(name, None)
+            if self.databases[name] != watched_database:
+                # A rebuild moved the index to another database file: remember that file's look,
+                # or the next check would take it for a replaced database and open it again. The
+                # manifest's stamp stays the one from before the reload, so a publish meanwhile
+                # (every publish rewrites the manifest) is still seen next time.
+                fresh = _look(self.readers[name].folder, self.databases[name])
+                seen = _Watch(fresh.database, (seen.stamps[0], *fresh.stamps[1:]))
             self._watched[name] = seen
             if loaded:
                 self.metrics.reloads.inc(name)
