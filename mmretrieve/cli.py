@@ -430,6 +430,23 @@ def default_model_name(folder: Path) -> str:
                            f"(or pip install mmretrieve-offline-towers)")
 
 
+def _index_model(folder: Path, rebuild: bool) -> str:
+    """The model `index` uses without --model: the index's own; for a new index, or a --rebuild of
+    one whose manifest is too damaged to name it, the default model."""
+    from .errors import IndexDamagedError
+    from .index.search import _model_location
+    from .index.store import MANIFEST, read_manifest
+
+    if not (folder / MANIFEST).is_file():
+        return default_model_name(folder)
+    try:
+        return _model_location(read_manifest(folder)["model"], folder)
+    except IndexDamagedError:
+        if not rebuild:
+            raise
+        return default_model_name(folder)
+
+
 @cli.command()
 @click.argument("path", required=False, type=click.Path())
 @click.option("--model", "model_ref",
@@ -472,7 +489,6 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
     --fusion every image is indexed together with its caption as one multimodal item.
     """
     from .api import default_index_dir
-    from .index.store import MANIFEST, read_manifest
     from .runtime import load_embedder
 
     if bool(path) == bool(texts_file):
@@ -487,12 +503,7 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
         check_root(path)  # a mistyped folder fails before a model is loaded or an index folder made
     folder = Path(index_dir) if index_dir else default_index_dir("text" if texts_file else "image")
     if not model_ref:
-        if (folder / MANIFEST).is_file():
-            from .index.search import _model_location
-
-            model_ref = _model_location(read_manifest(folder)["model"], folder)
-        else:
-            model_ref = default_model_name(folder)
+        model_ref = _index_model(folder, rebuild)
     embedder = load_embedder(model_ref, runtime, device)
     if texts_file:
         from .index.builder import index_texts
@@ -502,7 +513,8 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
         from .fusion.items import item_fusion_settings
         from .index.builder import index_images
 
-        captions, strategy, source = item_fusion_settings(folder, embedder, captions_file, fusion, weights, fusion_bundle)
+        captions, strategy, source = item_fusion_settings(folder, embedder, captions_file, fusion, weights,
+                                                          fusion_bundle, rebuild)
         workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
         report = index_images(path, folder, embedder, include, exclude, index_type, batch_size, workers, commit_every,
                               captions, rebuild, memory_budget=_parse_size(memory_budget), fusion=strategy,

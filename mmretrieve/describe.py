@@ -22,8 +22,17 @@ def kind_of(ref: str | Path) -> str:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        return "bundle"
-    return "index" if isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT else "bundle"
+        manifest = None
+    if isinstance(manifest, dict):
+        return "index" if manifest.get("format") == INDEX_FORMAT else "bundle"
+    # A manifest that is no JSON object, beside an index's data: a damaged index (for --verify to report).
+    return "index" if (folder / MANIFEST).is_file() and _holds_index_data(folder) else "bundle"
+
+
+def _holds_index_data(folder: Path) -> bool:
+    from .index.store import DATABASE, LEGACY_STORE, data_folder_names
+
+    return bool(data_folder_names(folder)) or (folder / LEGACY_STORE / DATABASE).is_file()
 
 
 def fusion_head_lines(folder: Path) -> tuple[dict[str, Any], list[str]]:
@@ -124,7 +133,12 @@ def describe_index(ref: str | Path, verify: bool = False) -> tuple[dict[str, Any
     from .index.store import IndexStore, read_manifest
 
     folder = Path(ref)
-    m = read_manifest(folder)
+    try:
+        m = read_manifest(folder)
+    except IndexDamagedError:
+        if not verify:
+            raise
+        return _unreadable_index(folder)
     counts, kind, vectors_line = None, m.get("index_type", "?"), None
     try:
         with IndexStore(folder, m, readonly=True) as store:
@@ -170,3 +184,12 @@ def describe_index(ref: str | Path, verify: bool = False) -> tuple[dict[str, Any
         if report.ok:  # otherwise the verdict is the command's error sentence
             lines.append(f"verified:     {report.verdict}")
     return payload, lines
+
+
+def _unreadable_index(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """--verify on an index whose manifest cannot be read: the checks say so (a failed "manifest")."""
+    from .index.verify import verify_index
+
+    report = verify_index(folder)
+    return {"path": str(folder), "index": None, "counts": None, "verify": report.as_dict()}, \
+        [f"index:        {folder}", *report.lines()]

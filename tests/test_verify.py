@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import random_image
 from mmretrieve.cli import cli
-from mmretrieve.errors import IndexDamagedError
+from mmretrieve.errors import IndexDamagedError, InputError
 from mmretrieve.index.builder import index_images
 from mmretrieve.index.search import IndexReader
 from mmretrieve.index.store import IndexStore
@@ -178,7 +178,8 @@ DAMAGE = {  # kind -> (how, the check that fails, words it says, words `search` 
 def test_damage_fails_verify_and_every_command_says_rebuild(kind, index_dir, photos):
     damage, check, says, search_says = DAMAGE[kind]
     damage(index_dir)
-    rebuild = f"rebuild it with `mmretrieve index {photos} --index-dir {index_dir} --rebuild`"
+    rebuild = (f"rebuild it with `mmretrieve index {photos} --index-dir {index_dir} --model fake-verify-model "
+               f"--rebuild`")
 
     report = verify_index(index_dir)
     assert not report.ok
@@ -259,3 +260,134 @@ def test_info_counts_items_and_failures_in_sqlite_not_the_manifest_cache(index_d
     assert "holds:        12 image items, 1 files that failed to read; generation 1" in result.output
     assert json.loads(run("info", index_dir, "--json").output)["counts"] == {"items": 12, "failures": 1,
                                                                              "generation": 1}
+
+
+# -- review of issue 13: --rebuild recovers any damaged manifest; every reader names damage -----
+def break_manifest(index_dir, how):
+    path = index_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if how == "not json":
+        path.write_text("{ not json")
+    elif how == "a list":
+        path.write_text("[1, 2]")
+    elif how == "bad store":
+        path.write_text(json.dumps({**manifest, "store": "data-x"}))
+    elif how == "no modality":
+        path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "modality"}))
+
+
+@pytest.mark.parametrize("how", ["not json", "a list", "bad store", "no modality"])
+def test_rebuild_recovers_a_damaged_manifest(how, index_dir, photos):
+    break_manifest(index_dir, how)
+    report = build(photos, index_dir, rebuild=True)
+    assert report.added == 12 and report.total == 12
+    assert verify_index(index_dir).ok
+    assert len(IndexReader(index_dir, embedder=FakeEmbedder()).index) == 12
+
+
+def use_fake_model(monkeypatch, used):
+    import mmretrieve.runtime
+
+    def load_embedder(ref, *args, **kwargs):
+        used.append(ref)
+        return FakeEmbedder()
+
+    monkeypatch.setattr(mmretrieve.runtime, "load_embedder", load_embedder)
+    monkeypatch.setattr("mmretrieve.cli.default_model_name", lambda folder: "default")
+
+
+@pytest.mark.parametrize("how", ["not json", "a list", "no modality"])
+def test_the_index_command_rebuilds_a_damaged_manifest_as_its_error_says(how, index_dir, photos, monkeypatch):
+    used = []
+    use_fake_model(monkeypatch, used)
+    break_manifest(index_dir, how)
+    result = run("index", photos, "--index-dir", index_dir, "--rebuild", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "12 items" in result.output and used == ["default"]
+    assert verify_index(index_dir).ok
+
+
+def test_the_rebuild_command_names_a_model_other_than_the_default(index_dir, photos):
+    from mmretrieve.index.damage import rebuild_command
+
+    assert rebuild_command(index_dir) == (f"mmretrieve index {photos} --index-dir {index_dir} "
+                                          f"--model fake-verify-model --rebuild")
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest["model"]["ref"] = "default"
+    assert rebuild_command(index_dir, manifest).endswith("--rebuild")
+
+
+def empty_sqlite(index_dir):
+    data, _ = data_folder(index_dir)
+    (data / "items.sqlite").write_bytes(b"")
+
+
+def test_an_empty_database_file_is_damage_for_every_reader(index_dir, photos):
+    empty_sqlite(index_dir)
+    with pytest.raises(IndexDamagedError, match="--rebuild"):
+        IndexReader(index_dir, embedder=FakeEmbedder())
+    with pytest.raises(IndexDamagedError, match="--rebuild"):
+        IndexStore.open(index_dir, readonly=True)
+    result = run("info", index_dir)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "is damaged" in result.output and "--rebuild" in result.output
+    result = run("search", "a dog", "--index-dir", index_dir)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "is damaged" in result.output
+    report = verify_index(index_dir)
+    assert not report.ok and "database" in failed(report)
+    assert build(photos, index_dir, rebuild=True).total == 12
+
+
+def test_verify_reports_a_non_json_manifest_as_a_failed_check(index_dir):
+    break_manifest(index_dir, "not json")
+    result = run("info", index_dir, "--verify", "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.output)
+    assert data["verify"]["ok"] is False and "manifest" in {c["name"] for c in data["verify"]["checks"]
+                                                            if not c["ok"]}
+    result = run("info", index_dir, "--verify")
+    assert result.exit_code == 1 and f"{'manifest:':<13} FAILED" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith(f"Error: the index {index_dir} is damaged")
+
+
+def test_a_rebuild_keeps_the_requested_index_type(photos, tmp_path):
+    build(photos, tmp_path / "idx", index_type="hnsw")
+    build(photos, tmp_path / "idx", rebuild=True)
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["requested_index_type"] == "hnsw" and manifest["index_type"] == "hnsw"
+    build(photos, tmp_path / "idx", rebuild=True, index_type="flat")
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["requested_index_type"] == "flat"
+
+
+def test_an_empty_folder_leaves_no_new_index_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        build(tmp_path / "empty", tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize("when", ["before the manifest", "after the manifest"])
+def test_a_rebuild_killed_while_it_switches_is_not_resumed_into_the_live_folder(when, index_dir, photos,
+                                                                                monkeypatch):
+    import mmretrieve.index.store as store_module
+
+    real = store_module.write_text_atomic
+
+    def write(path, *args, **kwargs):
+        if path.name == "manifest.json" and when == "before the manifest":
+            raise SystemExit(137)
+        real(path, *args, **kwargs)
+        if path.name == "manifest.json":
+            raise SystemExit(137)
+
+    monkeypatch.setattr(store_module, "write_text_atomic", write)
+    with pytest.raises(SystemExit):
+        build(photos, index_dir, rebuild=True)
+    monkeypatch.setattr(store_module, "write_text_atomic", real)
+    live = json.loads((index_dir / "manifest.json").read_text())["store"]
+    report = build(photos, index_dir, rebuild=True)
+    if when == "after the manifest":  # the switch happened: the next rebuild starts a new folder, re-embeds all
+        assert report.added == 12 and report.unchanged == 0
+        assert json.loads((index_dir / "manifest.json").read_text())["store"] != live
+    assert report.total == 12 and verify_index(index_dir).ok
+    assert not list(index_dir.glob("data-*/pending.json"))

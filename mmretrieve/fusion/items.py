@@ -70,7 +70,8 @@ def fusion_label(description: dict[str, Any] | None) -> str:
 
 
 def item_fusion_settings(index_dir: str | Path, embedder, captions_file: str | Path | None, fusion: str | None,
-                         weights: str | Sequence[float] | None, fusion_bundle: str | Path | None):
+                         weights: str | Sequence[float] | None, fusion_bundle: str | Path | None,
+                         rebuild: bool = False):
     """(captions {image path: captions} or None, strategy or None, captions source) for a run.
 
     An index built with fusion keeps it: a later run without --fusion reuses the strategy, its
@@ -79,7 +80,14 @@ def item_fusion_settings(index_dir: str | Path, embedder, captions_file: str | P
     from ..index.store import MANIFEST, read_manifest
     from .resolve import resolve_fusion
 
-    manifest = read_manifest(Path(index_dir)) if (Path(index_dir) / MANIFEST).is_file() else {}
+    from ..errors import IndexDamagedError
+
+    try:
+        manifest = read_manifest(Path(index_dir)) if (Path(index_dir) / MANIFEST).is_file() else {}
+    except IndexDamagedError:
+        if not rebuild:
+            raise
+        manifest = {}  # --rebuild recovers a damaged manifest: nothing of it is reused
     built_with = manifest.get("fusion")
     if fusion is None and (weights is not None or fusion_bundle is not None):
         raise InputError("--weights and --fusion-bundle go with --fusion")

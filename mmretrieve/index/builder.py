@@ -11,7 +11,6 @@ With a fusion strategy each image is indexed as one item made of the image and i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -104,7 +103,8 @@ def open_or_create(index_dir: Path, embedder, modality: str, index_type: str | N
         "query_padding": extra_dims(fusion),  # stored coordinates beyond the model's, 0 in every query
         "metric": "inner_product",
         "normalized": True,
-        "requested_index_type": index_type or "auto",
+        # A rebuild keeps the kind asked for before, unless another one is given.
+        "requested_index_type": index_type or (manifest or {}).get("requested_index_type") or "auto",
         **({"fusion": described, "captions": captions_source, "fusion_bundle": getattr(fusion, "source", None)}
            if fusion is not None else {}),
         **({"building": building} if building else {}),
@@ -120,15 +120,18 @@ def open_or_create(index_dir: Path, embedder, modality: str, index_type: str | N
 
 def _current_manifest(index_dir: Path, rebuild: bool) -> dict | None:
     """The index's manifest, None for a new index; a rebuild also starts over from a manifest that
-    is not JSON any more (rebuilding is how a damaged index is recovered)."""
+    is damaged (not JSON, not an object, naming no modality or a data folder an index does not
+    write): rebuilding is how a damaged index is recovered. The new data folder is made beside the
+    old data, and its manifest replaces the damaged one at its first generation."""
     if not (index_dir / MANIFEST).is_file():
         return None
-    if rebuild:
-        try:
-            json.loads((index_dir / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-    return read_manifest(index_dir)
+    try:
+        return read_manifest(index_dir)
+    except IndexDamagedError as exc:
+        if not rebuild:
+            raise
+        log.warning("%s: %s; building a new index in its place", index_dir, exc.problem)
+        return None
 
 
 def _published_generation(index_dir: Path, manifest: dict) -> int:
@@ -267,13 +270,17 @@ def index_images(root: str | Path, index_dir: str | Path, embedder, include: tup
     if fusion is not None and captions is None:
         raise InputError("a fused index joins each image with its caption; give the captions (--captions FILE)")
     check_root(root)  # before the lock creates the index folder
+    # What can be refused is refused before a data folder is made (and the old one is never touched),
+    # and for a new index before the lock creates its folder. The scan reads only the images' folder.
+    scan = scan_files(Path(root), include, exclude, follow_links=follow_links)
+    nothing = InputError(f"{root}: no image files to index (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    if not scan.files and (rebuild or not (index_dir / MANIFEST).is_file()):
+        raise nothing
+    if fusion is not None:
+        _check_captioned(Path(root), scan.files, _captions_by_found_path(captions, scan.files))
     with WriterLock(index_dir):
-        # What can be refused is refused before a data folder is made (and the old one is never touched).
-        scan = scan_files(Path(root), include, exclude, follow_links=follow_links)
-        if not scan.files and (rebuild or not (index_dir / MANIFEST).is_file()):
-            raise InputError(f"{root}: no image files to index (JPEG, PNG, WebP, BMP, GIF, TIFF)")
-        if fusion is not None:
-            _check_captioned(Path(root), scan.files, _captions_by_found_path(captions, scan.files))
+        if not scan.files and not (index_dir / MANIFEST).is_file():  # removed while we waited for the lock
+            raise nothing
         building = {"root": str(Path(root).resolve()), "include": list(include), "exclude": list(exclude)}
         store = open_or_create(index_dir, embedder, "image", index_type, rebuild, fusion, captions_source, building)
         generation = store.generation

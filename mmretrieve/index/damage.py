@@ -19,11 +19,13 @@ from ..errors import IndexDamagedError
 
 # SQLite's primary result codes for a file that is not (or no longer) a valid database.
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+DEFAULT_MODEL = "default"  # the model `index` uses when neither --model nor a readable manifest names one
 
 
 def rebuild_command(folder: str | Path, manifest: dict[str, Any] | None = None) -> str:
     """The `mmretrieve index ... --rebuild` line for ``folder``, with the indexed folder filled in
-    when the manifest names exactly one (else ``PATH``)."""
+    when the manifest names exactly one (else ``PATH``), and its model when that is not the
+    default (a rebuild whose manifest is too damaged to name it uses the default)."""
     folder = Path(folder)
     if manifest is None:
         try:
@@ -39,7 +41,10 @@ def rebuild_command(folder: str | Path, manifest: dict[str, Any] | None = None) 
         source = shlex.quote(roots[0])
     else:
         source = "PATH"
-    return f"mmretrieve index {source} --index-dir {shlex.quote(str(folder))} --rebuild"
+    model = manifest.get("model")
+    ref = model.get("ref") if isinstance(model, dict) else None
+    named = f" --model {shlex.quote(ref)}" if isinstance(ref, str) and ref and ref != DEFAULT_MODEL else ""
+    return f"mmretrieve index {source} --index-dir {shlex.quote(str(folder))}{named} --rebuild"
 
 
 def index_damaged(folder: str | Path, problem: str, manifest: dict[str, Any] | None = None) -> IndexDamagedError:
@@ -66,11 +71,13 @@ class _Guard:
     def __enter__(self) -> None:
         return None
 
+    def where(self) -> Path:
+        """The database, relative to the index folder when inside it."""
+        return self.database.relative_to(self.folder) if self.database.is_relative_to(self.folder) else self.database
+
     def __exit__(self, kind, exc, tb) -> bool:
         if exc is not None and is_corruption(exc):
-            where = self.database.relative_to(self.folder) if self.database.is_relative_to(self.folder) \
-                else self.database
-            raise index_damaged(self.folder, f"{where} cannot be read ({exc})") from exc
+            raise index_damaged(self.folder, f"{self.where()} cannot be read ({exc})") from exc
         return False
 
 
@@ -102,9 +109,13 @@ class GuardedCursor:
 
 class GuardedConnection:
     """A ``sqlite3.Connection`` for an index's database (same methods); corruption met by any
-    statement, or by reading its rows, becomes ``IndexDamagedError`` naming the index folder."""
+    statement, or by reading its rows, becomes ``IndexDamagedError`` naming the index folder.
 
-    def __init__(self, folder: str | Path, database: str | Path, readonly: bool = False, **connect: Any):
+    A read-only connection checks that the database holds ``tables`` (an empty file, or another
+    SQLite file, would otherwise fail every query with "no such table")."""
+
+    def __init__(self, folder: str | Path, database: str | Path, readonly: bool = False,
+                 tables: tuple[str, ...] = ("items",), manifest: dict[str, Any] | None = None, **connect: Any):
         database = Path(database)
         self._guard = _Guard(Path(folder), database)
         with self._guard:
@@ -112,6 +123,13 @@ class GuardedConnection:
                 self._db = sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True, **connect)
             else:
                 self._db = sqlite3.connect(database, **connect)
+        if readonly:
+            found = {name for (name,) in self.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [table for table in tables if table not in found]
+            if missing:
+                self._db.close()
+                raise index_damaged(folder, f"{self._guard.where()} holds no {', '.join(missing)} "
+                                            f"table{'s' if len(missing) > 1 else ''}", manifest)
 
     def execute(self, *args) -> GuardedCursor:
         with self._guard:

@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
 """
 COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "captions", "text", "image")
 # What a pending data folder must share with a run for that run to carry on filling it.
+TABLES = ("items", "staged", "failures", "info")  # what SCHEMA makes; every index has had them all
+MODALITIES = ("image", "text")  # what an index's items are
 _RESUME_KEYS = ("modality", "model", "embed_dim", "query_padding", "fusion", "building")
 
 
@@ -96,6 +98,11 @@ def store_name(manifest: dict[str, Any], folder: Path) -> str:
     return name
 
 
+def data_folder_names(folder: Path) -> list[str]:
+    """The data folders (data-NNNNNN) in an index folder, oldest first."""
+    return sorted(p.name for p in Path(folder).glob("data-*") if _DATA_NAME.fullmatch(p.name) and p.is_dir())
+
+
 def database_path(folder: Path) -> Path:
     """The SQLite file of the index's current data folder."""
     folder = Path(folder)
@@ -124,7 +131,8 @@ class IndexStore:
             if not database.is_file():
                 raise index_damaged(self.folder, f"{database.relative_to(self.folder)}, named by its manifest, "
                                                  f"is missing", manifest)
-            self.db = GuardedConnection(self.folder, database, readonly=True, timeout=30)
+            self.db = GuardedConnection(self.folder, database, readonly=True, tables=TABLES, manifest=manifest,
+                                        timeout=30)
             return
         self.db = GuardedConnection(self.folder, database, timeout=30)
         self.db.executescript(SCHEMA)
@@ -165,6 +173,9 @@ class IndexStore:
                 continue
             if not isinstance(pending, dict) or data.name != pending.get("store") or not (data / DATABASE).is_file():
                 continue
+            if data.name == replaces:  # the live folder (a run killed as an older version activated it)
+                (data / PENDING).unlink(missing_ok=True)
+                continue
             if all(pending.get(key) == manifest.get(key) for key in _RESUME_KEYS):
                 store = cls(folder, {**pending, **manifest, "store": data.name,
                                      "generation": pending.get("generation", 0)}, pending=True)
@@ -202,9 +213,12 @@ class IndexStore:
             return
         self.manifest.setdefault("updated", _now())
         self.manifest.pop("building", None)  # what the pending folder was filled from: only for resuming
+        # pending.json goes first: a kill between the two steps then leaves a folder no manifest
+        # names and nothing marks as resumable (removed by the next run), never a live folder that
+        # a later --rebuild would "resume".
+        (self.data_folder / PENDING).unlink(missing_ok=True)
         write_text_atomic(self.folder / MANIFEST, json.dumps(self.manifest, indent=2))
         self.pending = False
-        (self.data_folder / PENDING).unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Delete a pending store's data folder (a run that failed before it made anything worth keeping)."""
@@ -425,6 +439,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise index_damaged(folder, f"{MANIFEST} holds no JSON object", {})
     check_format(manifest, folder, FORMAT, FORMAT_VERSION, "index", InputError)
+    missing = [key for key, kind in (("modality", str), ("model", dict), ("embed_dim", int))
+               if not isinstance(manifest.get(key), kind)]
+    if missing or manifest["modality"] not in MODALITIES:
+        raise index_damaged(folder, f"{MANIFEST} lacks {', '.join(missing)}" if missing else
+                            f"{MANIFEST} names the modality {manifest['modality']!r}", manifest)
+    store_name(manifest, folder)
     return manifest
 
 
