@@ -89,3 +89,22 @@ def test_timm_dim_is_the_width_of_what_the_tower_returns(name):
     inputs = {k: torch.from_numpy(v) for k, v in encoder.example_inputs(1).items()}
     with torch.no_grad():
         assert encoder.forward(inputs).shape == (1, encoder.dim)
+
+
+def test_bert_and_timm_local_paths_under_home_are_found(tiny_bert_dir, image_encoder, tmp_path, monkeypatch):
+    """``~/models/bert`` and ``--weights ~/w.pth`` name files in the home folder, as a shell would."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_bert_dir, tmp_path / "models" / "bert")
+    text = create_encoder("bert", model_name="~/models/bert", max_length=16)
+    assert text.embed(["a black cat"]).shape == (1, 32)
+    torch.save(image_encoder.module.model.state_dict(), tmp_path / "w.pth")
+    image = create_encoder(f"timm:{TINY_TIMM}", pretrained=False, weights="~/w.pth", image_size=64)
+    picture = [random_image(3)]
+    np.testing.assert_allclose(image.embed(picture), image_encoder.embed(picture), atol=1e-5)
+
+
+def test_timm_missing_weights_file_is_one_sentence(tmp_path):
+    with pytest.raises(InputError, match="no weights file"):
+        create_encoder(f"timm:{TINY_TIMM}", pretrained=False, weights=str(tmp_path / "missing.pth"))

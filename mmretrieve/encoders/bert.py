@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ class BertEncoder(Encoder):
 
         if pooling not in POOLINGS:
             raise InputError(f"bert pooling must be one of {POOLINGS}, not {pooling!r}")
+        if model_name.startswith("~"):
+            model_name = os.path.expanduser(model_name)  # ~/models/bert, as a shell would
 
         def load():
             config = AutoConfig.from_pretrained(model_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ class TimmEncoder(Encoder):
         import timm
 
         model_kwargs = dict(model_kwargs or {})
+        weights = os.path.expanduser(str(weights)) if weights else None  # ~/w.pth, as a shell would
+        if weights and not Path(weights).is_file():
+            raise InputError(f"cannot build timm model {model_name!r}: no weights file {weights}")
         overlay = {**model_kwargs.pop("pretrained_cfg_overlay", {}), **({"file": str(weights)} if weights else {})} or None
 
         def create() -> nn.Module:
