@@ -391,3 +391,67 @@ def test_a_rebuild_killed_while_it_switches_is_not_resumed_into_the_live_folder(
         assert json.loads((index_dir / "manifest.json").read_text())["store"] != live
     assert report.total == 12 and verify_index(index_dir).ok
     assert not list(index_dir.glob("data-*/pending.json"))
+
+
+# -- indexes from before `roots` and link paths were recorded ---------------------------------
+def make_old(index_dir, rename=None):
+    """Make ``index_dir`` look written by an older mmretrieve: no "roots" in its manifest, and
+    items recorded under other paths (``rename``: {path now: path the old code recorded})."""
+    path = index_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("roots", None)
+    path.write_text(json.dumps(manifest))
+    data, _ = data_folder(index_dir)
+    with sqlite3.connect(data / "items.sqlite") as db:
+        for now, old in (rename or {}).items():
+            db.execute("UPDATE items SET path = ? WHERE path = ?", (old, now))
+    db.close()
+
+
+def test_the_first_run_that_records_roots_keeps_the_folder_older_runs_indexed(index_dir, photos):
+    make_old(index_dir)
+    (photos / "new").mkdir()
+    random_image(50, size=(16, 12)).save(photos / "new" / "late.png")
+    build(photos / "new", index_dir)
+    roots = json.loads((index_dir / "manifest.json").read_text())["roots"]
+    assert roots == [str(photos.resolve()), str((photos / "new").resolve())]
+
+
+def test_seeded_roots_are_the_common_folder_never_the_whole_filesystem():
+    from mmretrieve.index.builder import _item_folders
+
+    assert _item_folders(["/p/a/x.png", "/p/b/y.png"]) == ["/p"]
+    assert _item_folders(["/p/a/x.png"]) == ["/p/a"]
+    assert _item_folders(["/a/x.png", "/b/c/y.png", "/a/sub/z.png", "/b/c/d/w.png"]) == ["/a", "/b/c"]
+    assert _item_folders([]) == []
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_link_an_older_version_recorded_by_its_target_vanishes_with_the_link(follow, photos, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    random_image(60, size=(16, 12)).save(outside / "far.png")
+    (photos / "far.png").symlink_to(outside / "far.png")
+    build(photos, tmp_path / "idx", follow_links=True)
+    # the old code recorded the link's target, outside the folder
+    make_old(tmp_path / "idx", {str(photos.resolve() / "far.png"): str((outside / "far.png").resolve())})
+
+    report = build(photos, tmp_path / "idx", follow_links=follow)
+    with IndexStore.open(tmp_path / "idx", readonly=True) as store:
+        paths = set(store.known_files())
+    assert str((outside / "far.png").resolve()) not in paths and report.removed == 1
+    assert (str(photos.resolve() / "far.png") in paths) == follow and report.added == int(follow)
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["roots"] == [str(photos.resolve())]
+    (photos / "far.png").unlink()
+    report = build(photos, tmp_path / "idx", follow_links=follow)
+    assert report.removed == int(follow) and report.total == 12
+
+
+def test_a_link_into_another_indexed_folder_keeps_that_folders_items(photos, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    random_image(70, size=(16, 12)).save(other / "mine.png")
+    build(other, tmp_path / "idx")
+    (photos / "mine.png").symlink_to(other / "mine.png")
+    report = build(photos, tmp_path / "idx")
+    assert report.removed == 0 and report.total == 13

@@ -335,6 +335,44 @@ def _record_root(store: IndexStore, root: Path) -> bool:
     return True
 
 
+def _seed_roots(store: IndexStore, paths: list[str]) -> None:
+    """An index from before "roots" was recorded: start them with the folders its items came
+    from (see ``_item_folders``), so the first run over a subfolder does not narrow what serve
+    sends to that subfolder."""
+    store.manifest["roots"] = _item_folders(paths)
+
+
+def _item_folders(paths: list[str]) -> list[str]:
+    """The narrowest folders that hold every path: their common folder, unless that is the
+    filesystem's root; then each distinct parent folder, less those inside another one."""
+    if not paths:
+        return []
+    common = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths)
+    if os.path.dirname(common) != common:
+        return [common]
+    folders: list[str] = []
+    for folder in sorted({os.path.dirname(path) for path in paths}):
+        if not folders or not (folder + "/").startswith(folders[-1].rstrip("/") + "/"):
+            folders.append(folder)
+    return folders
+
+
+def _old_link_records(scan: Scan, known: dict, scope: str, roots: list[str]) -> list[str]:
+    """Items outside ``scope`` recorded under the resolved target of a link found below it: what an
+    older mmretrieve did with links (the scan now records a link's own path). Items in a folder
+    indexed in its own right (in ``roots``) stay."""
+    folders = [folder for folder in [scope, *roots] if isinstance(folder, str)]
+    prefixes = tuple(folder.rstrip("/") + "/" for folder in folders)
+    inside = lambda path: path in folders or path.startswith(prefixes)  # noqa: E731
+    targets = {os.path.realpath(link) for link in scan.links}
+    targets = sorted(t for t in targets if not inside(t))
+    if not targets:
+        return []
+    folders = tuple(t.rstrip("/") + "/" for t in targets)
+    exact = set(targets)
+    return [path for path in known if not inside(path) and (path in exact or path.startswith(folders))]
+
+
 def _check_captioned(root: Path, found: list[FileState], captions: dict[str, list[str]]) -> None:
     """A fused index needs captions: refuse when no image has one, warn when most have none."""
     if not found:
@@ -373,8 +411,14 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     if not found and not store.count():
         raise InputError(f"{root}: no image files to index (JPEG, PNG, WebP, BMP, GIF, TIFF)")
     known = store.known_files()
-    plan = plan_changes(found, known, scope=str(root.resolve()), kept=scan.kept)
-    check_removal(plan, str(root.resolve()), prune)  # before anything changes
+    scope = str(root.resolve())
+    # Items an older version recorded under the targets of links below the folder go (the link's own
+    # path is indexed when the link is followed), so a link removed later vanishes like a file.
+    old_links = _old_link_records(scan, known, scope, store.manifest.get("roots") or [])
+    if "roots" not in store.manifest and not store.pending and known:
+        _seed_roots(store, [path for path in known if path not in set(old_links)])
+    plan = plan_changes(found, known, scope=scope, kept=scan.kept)
+    check_removal(plan, scope, prune)  # before anything changes
     if captions is not None:
         captions = _captions_by_found_path(captions, found)
         plan.re_embed(_recaptioned(store, found, plan, captions, fusion is not None))
@@ -399,7 +443,11 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     report.added = sum(1 for s in todo if s.path not in known and s.path not in failed)
     # A file that was indexed but no longer reads has a stale vector: drop it with the vanished.
     stale = [f["path"] for f in report.failed if f["path"] in known]
-    removed = plan.vanished + stale
+    removed = plan.vanished + stale + old_links
+    if old_links:
+        report.notes.append(f"{len(old_links)} items recorded by an older mmretrieve under the targets of links "
+                            f"in {root} were removed" + (", and indexed under the links' own paths"
+                                                        if follow_links else ""))
     roots_changed = _record_root(store, root)
     if store.count("staged") or removed or not store.vectors_folder().is_dir():
         report.generation, report.index_type = publish(store, removed, memory_budget)

@@ -42,6 +42,7 @@ class Scan:
     files: list[FileState] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: passed over, not read
     kept: list[str] = field(default_factory=list)  # unreadable folders: what was indexed below them stays
+    links: list[str] = field(default_factory=list)  # links met below the folder (followed or not), as found
 
 
 @dataclass
@@ -143,6 +144,7 @@ class _Walker:
                 try:
                     if entry.is_symlink():
                         self.links.append((path, rel))
+                        self.scan.links.append(path)
                     elif entry.is_dir(follow_symlinks=False):
                         info = entry.stat(follow_symlinks=False)
                         if self.new_folder(path, info):
