@@ -12,11 +12,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..metrics import KS, ranks_of_truth, recall_at_k
 from .embeddings import CaptionedEmbeddings
 from .strategies import FusionStrategy
 from .training import caption_table
-
-KS = (1, 5, 10)
 
 
 def split_items_and_queries(embeddings: CaptionedEmbeddings, item_caption: int = 0):
@@ -32,16 +31,10 @@ def split_items_and_queries(embeddings: CaptionedEmbeddings, item_caption: int =
     return items, queries, embeddings.owners[queries]
 
 
-def recall_at(scores: np.ndarray, truth: np.ndarray, ks=KS) -> dict[str, float]:
-    """Percent of queries whose own item ranks in the top k (ties count against it)."""
-    correct = scores[np.arange(len(truth)), truth]
-    ranks = (scores > correct[:, None]).sum(axis=1) + (scores == correct[:, None]).sum(axis=1) - 1
-    return {f"R@{k}": float(100.0 * (ranks < k).mean()) for k in ks}
-
-
 def evaluate_fusion(embeddings: CaptionedEmbeddings, strategies: dict[str, FusionStrategy],
-                    item_caption: int = 0, chunk: int = 2048) -> dict[str, dict[str, float]]:
-    """{row name: {R@1, R@5, R@10}} for image-only, text-only and each strategy."""
+                    item_caption: int = 0, chunk: int = 2048, ks=KS) -> dict[str, dict[str, float]]:
+    """{row name: {R@1, R@5, R@10}} for image-only, text-only and each strategy; a query's rank
+    is ``metrics.ranks_of_truth`` (ties count against it), the same rule as ``mmretrieve eval``."""
     items, queries, truth = split_items_and_queries(embeddings, item_caption)
     item_text, item_image = embeddings.texts[items], embeddings.images
     query_vectors = embeddings.texts[queries]
@@ -54,9 +47,9 @@ def evaluate_fusion(embeddings: CaptionedEmbeddings, strategies: dict[str, Fusio
             scorers[name] = lambda q, f=fused: q @ f.T
     table = {}
     for name, score in scorers.items():
-        hits = [recall_at(score(query_vectors[s:s + chunk]), truth[s:s + chunk]) for s in range(0, len(truth), chunk)]
-        sizes = [len(truth[s:s + chunk]) for s in range(0, len(truth), chunk)]
-        table[name] = {k: float(np.average([h[k] for h in hits], weights=sizes)) for k in hits[0]}
+        ranks = [ranks_of_truth(score(query_vectors[s:s + chunk]), truth[s:s + chunk])
+                 for s in range(0, len(truth), chunk)]
+        table[name] = recall_at_k(np.concatenate(ranks), ks)
     return table
 
 
