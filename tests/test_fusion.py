@@ -221,7 +221,8 @@ def test_a_failed_save_keeps_the_previous_bundle(tmp_path, trained_gated, monkey
 @pytest.mark.onnx
 @pytest.mark.parametrize("name", ["concat-projection", "gated"])
 def test_trained_head_exports_to_onnx_with_parity(tmp_path, name):
-    from mmretrieve.fusion.onnx import MIN_COSINE, export_fusion_onnx, fusion_parity
+    from mmretrieve.fusion.onnx import export_fusion_onnx, fusion_parity
+    from mmretrieve.metrics import PARITY_MIN_COSINE as MIN_COSINE
 
     strategy = create_fusion(name, dim=16)
     train_fusion(strategy, toy_set(seed=0, images=64), FusionTrainConfig(epochs=3, batch_size=32, lr=1e-2))

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..metrics import PARITY_MIN_COSINE
 from .errors import ParityError
 
-MIN_COSINE = 0.9999  # per embedding, fp32
 MAX_NORM_ERROR = 1e-3  # the runtime promises unit vectors; cosine alone cannot see a lost normalisation
 
 PROBE_TEXTS = (
@@ -76,9 +76,9 @@ def measure(model, embedder, tower: str) -> dict[str, float]:
 
 
 def require_parity(tower: str, report: dict[str, float]) -> None:
-    if report["min_cosine"] < MIN_COSINE or report["max_norm_error"] > MAX_NORM_ERROR:
+    if report["min_cosine"] < PARITY_MIN_COSINE or report["max_norm_error"] > MAX_NORM_ERROR:
         raise ParityError(
             f"the exported {tower} tower disagrees with PyTorch: minimum cosine {report['min_cosine']:.6f} "
-            f"(need >= {MIN_COSINE}) and norm error {report['max_norm_error']:.2g} over {report['embeddings']} "
+            f"(need >= {PARITY_MIN_COSINE}) and norm error {report['max_norm_error']:.2g} over {report['embeddings']} "
             f"embeddings, so the export was not written"
         )

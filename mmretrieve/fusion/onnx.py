@@ -12,9 +12,9 @@ import numpy as np
 
 from ..errors import BundleError, InputError
 from ..export.errors import ParityError
+from ..metrics import PARITY_MIN_COSINE  # per fused embedding, fp32: the same bar as the towers' export
 from .strategies import FusionStrategy, LearnedFusion, check_pair
 
-MIN_COSINE = 0.9999  # per fused embedding, fp32: the same bar as the towers' export
 PROBE_BATCHES = (1, 7, 64)
 
 
@@ -41,7 +41,7 @@ def fusion_parity(strategy: LearnedFusion, path: str | Path) -> dict[str, float]
 
 
 def export_fusion_onnx(strategy: LearnedFusion, path: str | Path, opset: int = 17) -> dict[str, float]:
-    """Write ``path`` (atomically) and return the parity report; raise ParityError below MIN_COSINE."""
+    """Write ``path`` (atomically) and return the parity report; raise ParityError below PARITY_MIN_COSINE."""
     import warnings
 
     import torch
@@ -58,9 +58,9 @@ def export_fusion_onnx(strategy: LearnedFusion, path: str | Path, opset: int = 1
                           dynamic_axes={"text": {0: "batch"}, "image": {0: "batch"}, "fused": {0: "batch"}})
     try:
         report = fusion_parity(strategy, staging)
-        if report["min_cosine"] < MIN_COSINE:
+        if report["min_cosine"] < PARITY_MIN_COSINE:
             raise ParityError(f"the exported {strategy.name} head differs from PyTorch (min cosine "
-                              f"{report['min_cosine']:.6f} < {MIN_COSINE}); not written")
+                              f"{report['min_cosine']:.6f} < {PARITY_MIN_COSINE}); not written")
         write_bytes_atomic(path, staging.read_bytes())
     finally:
         staging.unlink(missing_ok=True)
