@@ -273,13 +273,15 @@ def test_train_and_eval_commands(make_config, tmp_path, tiny_bert_dir, colour_da
     assert again.exit_code != 0 and "already holds a run; pass --resume" in again.output
 
 
-def test_train_without_data_is_one_sentence():
+def test_train_without_data_is_one_sentence(tmp_path):
     from click.testing import CliRunner
 
     from mmretrieve.cli import cli
 
-    result = CliRunner().invoke(cli, ["train", "-o", "/tmp/never-written"])
+    out = tmp_path / "never-written"  # inside this test's folder: parallel runs must not share one path
+    result = CliRunner().invoke(cli, ["train", "-o", str(out)])
     assert result.exit_code != 0 and "no training data: give --data FILE" in result.output
+    assert not out.exists()  # refused before anything is written
 
 
 # -- kills, Ctrl-C and resuming (issue 13) ------------------------------------------------------
