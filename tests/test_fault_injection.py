@@ -9,6 +9,7 @@ so; the test then kills it with SIGKILL. The long, randomised version of these c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -32,6 +33,9 @@ import os, sys, time, runpy
 events = set(os.environ["FAULT_EVENTS"].split(","))
 match, wanted, marker = os.environ["FAULT_MATCH"], int(os.environ["FAULT_AT"]), os.environ["FAULT_MARKER"]
 seen = 0
+if os.environ.get("FAULT_NO_EXCHANGE"):  # as on a system without renameat2: two renames per replacement
+    from mmretrieve import atomic
+    atomic._exchange = lambda first, second: False
 def hook(event, args):
     global seen
     if event not in events:
@@ -50,11 +54,13 @@ runpy.run_module("mmretrieve", run_name="__main__")
 """
 
 
-def kill_at(args: list[str], events: str, match: str, at: int, tmp_path: Path, timeout: float = 120) -> str:
-    """Run ``mmretrieve ARGS`` until the audit hook parks it, SIGKILL it; return the event it stopped at."""
+def kill_at(args: list[str], events: str, match: str, at: int, tmp_path: Path, timeout: float = 120,
+            no_exchange: bool = False) -> str:
+    """Run ``mmretrieve ARGS`` until the audit hook parks it, SIGKILL it; return the event it stopped at.
+    no_exchange: folders are replaced by the two-rename fallback, as where renameat2 is missing."""
     marker = tmp_path / f"paused-{time.monotonic_ns()}"
     env = {**os.environ, "FAULT_EVENTS": events, "FAULT_MATCH": match, "FAULT_AT": str(at),
-           "FAULT_MARKER": str(marker)}
+           "FAULT_MARKER": str(marker), **({"FAULT_NO_EXCHANGE": "1"} if no_exchange else {})}
     log = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *map(str, args)], env=env, start_new_session=True,
@@ -144,8 +150,15 @@ def test_a_killed_rebuild_leaves_the_old_index_answering_and_a_rerun_equals_an_u
     assert_same_view(index_view(killed), after)
 
 
-def test_a_train_killed_while_replacing_its_checkpoint_resumes_to_the_uninterrupted_result(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("replacement", ["exchange", "fallback"])
+def test_a_train_killed_while_replacing_its_checkpoint_resumes_to_the_uninterrupted_result(
+        tiny_bert_dir, tmp_path, replacement, caplog):
     import torch
+
+    from mmretrieve import atomic
+
+    if replacement == "exchange" and atomic._renameat2() is None:
+        pytest.skip("no renameat2 in this libc: the fallback variant covers this system")
 
     from tiny_models import TINY_TIMM, make_colour_dataset
 
@@ -159,17 +172,26 @@ def test_a_train_killed_while_replacing_its_checkpoint_resumes_to_the_uninterrup
         "head_lr": 0.01}))
     train = ["train", "--data", captions, "--config", config]
 
-    # A checkpoint after every step (3 per epoch). Parked at the third folder operation on the
-    # checkpoint: with two renames per replacement, the old checkpoint has been moved away and the
-    # new one not yet moved in; with a swap in one step, the old one is about to be deleted.
-    stopped = kill_at([*train, "-o", tmp_path / "killed"], "os.rename,shutil.rmtree", "checkpoint", 3, tmp_path)
-    assert "checkpoint" in stopped
-    checkpoint = tmp_path / "killed" / "checkpoint" / "state.pt"
-    assert checkpoint.is_file(), sorted(p.name for p in (tmp_path / "killed").iterdir())
-    assert json.loads(torch.load(checkpoint, weights_only=True)["trainer"])["step"] >= 1
+    # A checkpoint after every step (3 per epoch); the first replaces nothing, the second replaces it.
+    killed = tmp_path / "killed"
+    checkpoint = killed / "checkpoint" / "state.pt"
+    if replacement == "exchange":
+        # Parked as the old checkpoint (swapped out under the staging name) is about to be deleted.
+        stopped = kill_at([*train, "-o", killed], "shutil.rmtree", ".checkpoint.tmp-", 1, tmp_path)
+        assert checkpoint.is_file(), sorted(p.name for p in killed.iterdir())
+    else:
+        # Parked before the new checkpoint (.checkpoint.new-*) is renamed in, the old one already
+        # moved aside (.checkpoint.old-*): no folder named checkpoint, until a recovery.
+        stopped = kill_at([*train, "-o", killed], "os.rename", ".checkpoint.new-", 2, tmp_path, no_exchange=True)
+        names = sorted(p.name for p in killed.iterdir())
+        assert not checkpoint.parent.exists(), names
+        assert any(".checkpoint.old-" in n for n in names) and any(".checkpoint.new-" in n for n in names), names
+    assert ".checkpoint." in stopped
     cli("info", tmp_path / "killed" / "best", "--verify")
 
-    cli(*train, "-o", tmp_path / "killed", "--resume")
+    with caplog.at_level(logging.WARNING, logger="mmretrieve"):
+        cli(*train, "-o", tmp_path / "killed", "--resume")  # recovers the checkpoint the kill left aside
+    assert f"resuming {killed} at step 2" in caplog.text  # the new one, complete: not a start over
     cli(*train, "-o", tmp_path / "straight")
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("killed", "straight")]
     assert [(s["steps"], s["best_step"], s["best"]) for s in summaries[:1]] == \
