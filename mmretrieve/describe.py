@@ -126,11 +126,10 @@ def describe_index(ref: str | Path, verify: bool = False) -> tuple[dict[str, Any
     and where its published vectors are. Damage it meets is an IndexDamagedError naming the
     rebuild command; with ``verify`` every part is checked instead (``payload["verify"]``,
     a ``mmretrieve.index.verify`` report) and the description falls back on the manifest."""
-    from .errors import IndexDamagedError, MMRetrieveError
+    from .errors import IndexDamagedError
     from .fusion.items import fusion_label
-    from .index.base import mismatched_file, read_meta
-    from .index.damage import index_damaged
     from .index.store import IndexStore, read_manifest
+    from .index.verify import published_vectors
 
     folder = Path(ref)
     try:
@@ -144,18 +143,9 @@ def describe_index(ref: str | Path, verify: bool = False) -> tuple[dict[str, Any
         with IndexStore(folder, m, readonly=True) as store:
             counts = store.counts()
             kind = store.published_index_type()[0] or kind
-            vectors = store.vectors_folder(counts["generation"])
-            where = vectors.relative_to(folder) if vectors.is_relative_to(folder) else vectors
-            if counts["generation"]:
-                if not vectors.is_dir():
-                    raise index_damaged(folder, f"the published generation's vectors ({where}) are missing", m)
-                try:
-                    meta = read_meta(vectors)
-                except MMRetrieveError as exc:
-                    raise index_damaged(folder, f"{where}: {getattr(exc, 'problem', exc)}", m) from exc
-                wrong = mismatched_file(vectors, meta, hashes=False)  # sizes: a stat per file (--verify hashes)
-                if wrong:
-                    raise index_damaged(folder, f"{where}: {wrong}", m)
+            published = published_vectors(folder, store, m)
+            if published:
+                where, meta = published
                 vectors_line = f"published:    {where} ({meta['kind']}, {meta['count']:,} vectors)"
     except IndexDamagedError:
         if not verify:

@@ -22,8 +22,9 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_text_atomic
-from ..errors import ConfigError, IndexDamagedError, InputError
+from ..errors import ConfigError, InputError
 from ..formats import check_format, sha256_file
+from .damage import vectors_damaged as _damaged
 from .idmap import SortedIds
 
 META_FILE = "index.json"
@@ -55,10 +56,6 @@ def read_meta(folder: Path) -> dict[str, Any]:
             for entry in files.values()):
         raise _damaged(folder, f"{META_FILE}: 'files' is not a table of sizes and SHA-256 hashes")
     return meta
-
-
-def _damaged(folder: Path, problem: str) -> IndexDamagedError:
-    return IndexDamagedError(f"the vector index {folder} is damaged: {problem}; rebuild the index", problem)
 
 
 def recorded_files(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:

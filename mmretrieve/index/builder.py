@@ -167,8 +167,9 @@ def _open_current(index_dir: Path, embedder, index_type: str | None, described, 
 
 def _model_path(embedder) -> str:
     """Where the model folder is, absolute and resolved (a name a plugin registered as it is)."""
-    path = str(getattr(embedder, "path", embedder.ref))
-    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+    from ..bundle import absolute_ref
+
+    return absolute_ref(getattr(embedder, "path", embedder.ref))
 
 
 def _relative_model_path(model_path: str, ref: str, index_dir: Path) -> dict:

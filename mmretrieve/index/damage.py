@@ -47,6 +47,20 @@ def rebuild_command(folder: str | Path, manifest: dict[str, Any] | None = None) 
     return f"mmretrieve index {source} --index-dir {shlex.quote(str(folder))}{named} --rebuild"
 
 
+def relative_to(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` when inside it (how damage names a file of an index), else as it is."""
+    try:
+        return str(Path(path).relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
+def vectors_damaged(folder: str | Path, problem: str) -> IndexDamagedError:
+    """The error for a damaged vector folder read on its own (it does not know its index folder:
+    readers that do say ``index_damaged`` with this ``problem``)."""
+    return IndexDamagedError(f"the vector index {folder} is damaged: {problem}; rebuild the index", problem)
+
+
 def index_damaged(folder: str | Path, problem: str, manifest: dict[str, Any] | None = None) -> IndexDamagedError:
     """The error for a damaged index folder: what is wrong, and how to rebuild it."""
     return IndexDamagedError(f"the index {folder} is damaged: {problem}; rebuild it with "
@@ -71,9 +85,9 @@ class _Guard:
     def __enter__(self) -> None:
         return None
 
-    def where(self) -> Path:
+    def where(self) -> str:
         """The database, relative to the index folder when inside it."""
-        return self.database.relative_to(self.folder) if self.database.is_relative_to(self.folder) else self.database
+        return relative_to(self.database, self.folder)
 
     def __exit__(self, kind, exc, tb) -> bool:
         if exc is not None and is_corruption(exc):

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import IndexDamagedError, InputError
-from .damage import index_damaged
+from .damage import index_damaged, relative_to as _relative
 from .store import IndexStore, Item, read_manifest, store_name
 
 
@@ -162,13 +162,6 @@ class IndexReader:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
-
-
-def _relative(path: Path, folder: Path) -> str:
-    try:
-        return str(path.relative_to(folder))
-    except ValueError:
-        return str(path)
 
 
 def _model_location(built_with: dict[str, Any], index_dir: str | Path | None = None) -> str:

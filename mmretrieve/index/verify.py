@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexDamagedError, MMRetrieveError
-from .damage import index_damaged, rebuild_command
+from .damage import index_damaged, rebuild_command, relative_to as _relative
 
 # Rows of the re-ranking vector file compared with SQLite's embeddings (spread over the file).
 VECTOR_FILE_SAMPLE = 1024
@@ -105,18 +105,12 @@ def _verdict(folder: Path, manifest: dict[str, Any] | None, report: VerifyReport
 
 
 def _check_manifest(folder: Path, checks: _Checks) -> dict[str, Any] | None:
-    from .store import MANIFEST, read_manifest, store_name
+    from .store import read_manifest
 
     try:
-        manifest = read_manifest(folder)
-        store_name(manifest, folder)
+        manifest = read_manifest(folder)  # checks its keys and the data folder it names
     except MMRetrieveError as exc:
-        checks.add("manifest", False, str(exc))
-        return None
-    missing = [key for key, kind in (("modality", str), ("model", dict), ("embed_dim", int))
-               if not isinstance(manifest.get(key), kind)]
-    if missing:
-        checks.add("manifest", False, f"{MANIFEST} lacks {', '.join(missing)}")
+        checks.add("manifest", False, getattr(exc, "problem", str(exc)))
         return None
     checks.add("manifest", True, f"{manifest['format']} v{manifest['format_version']}, {manifest['modality']} "
                                  f"items, {manifest['embed_dim']}-d")
@@ -184,6 +178,29 @@ def _check_embeddings(store, dim: int, checks: _Checks) -> None:
                                         f"({dim} float32s), e.g. the one of {example}")
     else:
         checks.add("embeddings", True, f"{total:,} stored, each of {expected} bytes: {dim} float32s")
+
+
+def published_vectors(folder: Path, store, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(where, index.json) of the published generation's vectors, their files' sizes checked (a
+    stat each; ``verify_index`` hashes them); None before the first generation. Damage is an
+    ``IndexDamagedError`` naming the rebuild command (what `info` says without --verify)."""
+    from .base import mismatched_file, read_meta
+
+    generation = store.generation
+    vectors = store.vectors_folder(generation)
+    where = _relative(vectors, folder)
+    if not generation:
+        return None
+    if not vectors.is_dir():
+        raise index_damaged(folder, f"the published generation's vectors ({where}) are missing", manifest)
+    try:
+        meta = read_meta(vectors)
+    except MMRetrieveError as exc:
+        raise index_damaged(folder, f"{where}: {getattr(exc, 'problem', exc)}", manifest) from exc
+    wrong = mismatched_file(vectors, meta, hashes=False)
+    if wrong:
+        raise index_damaged(folder, f"{where}: {wrong}", manifest)
+    return where, meta
 
 
 def _check_vectors(folder: Path, store, counts: dict[str, int], dim: int, checks: _Checks) -> None:
@@ -292,10 +309,3 @@ def _embeddings_of(store, ids: np.ndarray, dim: int) -> dict[int, np.ndarray]:
 
 def _examples(ids: np.ndarray, n: int = 3) -> str:
     return ", ".join(str(int(i)) for i in ids[:n])
-
-
-def _relative(path: Path, folder: Path) -> str:
-    try:
-        return str(path.relative_to(folder))
-    except ValueError:
-        return str(path)
