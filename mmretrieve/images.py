@@ -7,7 +7,14 @@ with its reason instead of hanging or filling memory), and at most ``MAX_FILE_BY
 Decoding: the first frame (animated GIF/WebP), upright as the camera saw it (EXIF), refused
 before its pixels are decoded when it has more than ``max_pixels`` pixels (a decompression
 bomb) or a shape no photo has (``MAX_ASPECT``). JPEGs of more than ``DRAFT_PIXELS`` pixels are
-decoded at a reduced scale (1/2 to 1/8, never below ``DRAFT_SIDE`` on the shorter side).
+decoded at a reduced scale (1/2 to 1/8, never below ``DRAFT_SIDE`` on the shorter side). Other
+formats (PNG, WebP, TIFF, ...) cannot be decoded reduced; one that is not RGB already and has
+both sides at least twice ``DRAFT_SIDE`` is reduced right after decoding, by the integer factor
+that keeps at least ``DRAFT_SIDE`` pixels on the shorter side, and the full decode freed, so the
+colour conversion's copies (transparency on white: three of them) are of the small image (a
+60-megapixel RGBA PNG peaked at 766 MB, now 505 MB; an RGB one needs no conversion and stays at
+250 MB). Palette, 1-bit and 16-bit grey images (at most two bytes a pixel as decoded) are not
+reduced; Pillow's decompression-bomb limit (89 megapixels) bounds every format.
 
 Colour (``to_rgb``):
 - 16-bit and 32-bit integer grey (``I;16``, ``I``) is scaled to 8 bits (65535 -> 255), never
@@ -45,6 +52,8 @@ MAX_ASPECT = 20.0
 # reduced DCT scale, keeping at least DRAFT_SIDE pixels on the shorter side (8x a 256 px input).
 DRAFT_PIXELS = 64_000_000
 DRAFT_SIDE = 2048
+# Modes that to_rgb copies and Image.reduce averages correctly (not palette indices, 1-bit, 16-bit).
+_REDUCIBLE = frozenset({"L", "LA", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
 
 _FILE_KINDS = ((stat.S_ISDIR, "is a folder, not an image"),
                (stat.S_ISFIFO, "is a FIFO (named pipe), not an image file"),
@@ -169,6 +178,10 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_P
                     factor = DRAFT_SIDE / min(size)
                     image.draft(None, (max(1, int(size[0] * factor)), max(1, int(size[1] * factor))))
                 image.load()  # decode now so truncated files fail here, not later
+                factor = min(image.size) // DRAFT_SIDE
+                if image.format != "JPEG" and factor >= 2 and image.mode in _REDUCIBLE:
+                    full, image = image, image.reduce(factor)
+                    full.close()  # its pixels are freed now, not when the with block ends (module doc)
                 # Both steps copy the pixels, so skip them when there is nothing to change.
                 orientation = image.getexif().get(0x0112, 1)
                 if orientation != 1:

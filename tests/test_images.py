@@ -220,6 +220,27 @@ def test_huge_jpegs_decode_at_a_reduced_scale_and_keep_their_size(tmp_path, monk
     assert image.size == (200, 150) and image.info["source_size"] == (800, 600)
 
 
+def test_huge_images_of_other_formats_are_reduced_before_their_colour_conversion(tmp_path, monkeypatch):
+    """A PNG cannot be decoded reduced: a transparent one (converted in three full-size copies)
+    is reduced right after decoding; an RGB one needs no conversion and is left whole."""
+    from mmretrieve import images
+
+    monkeypatch.setattr(images, "DRAFT_SIDE", 100)
+    converted = []
+    to_rgb = images.to_rgb
+    monkeypatch.setattr(images, "to_rgb", lambda image, label="": converted.append(image.size) or to_rgb(image, label))
+    pixels = np.zeros((620, 410, 4), np.uint8)
+    pixels[..., 0], pixels[..., 3] = 255, 128  # half-transparent red
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "big.png")
+    image = load_image(tmp_path / "big.png")
+    assert converted == [(103, 155)] and image.size == (103, 155) and image.info["source_size"] == (410, 620)
+    assert image.getpixel((50, 50)) == load_image(Image.fromarray(pixels[:8, :8], "RGBA")).getpixel((4, 4))
+    Image.fromarray(pixels[..., :3]).save(tmp_path / "rgb.png")
+    assert load_image(tmp_path / "rgb.png").size == (410, 620)
+    random_image(0, (410, 620)).convert("P").save(tmp_path / "palette.png")  # indices cannot be averaged
+    assert load_image(tmp_path / "palette.png").size == (410, 620)
+
+
 # -- only regular files are read, and only so much of them -------------------------------------------
 
 def _in_thread(function, *args):
