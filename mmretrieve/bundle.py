@@ -122,9 +122,12 @@ def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = Non
         towers = {}
         for name, encoder in (("text", model.text_encoder), ("image", model.image_encoder)):
             (staging / name).mkdir()
+            options = encoder.save_architecture(staging / name)
+            if name not in reference_towers:
+                _check_rebuildable(name, encoder, options)
             towers[name] = {
                 "family": encoder.family,
-                "options": encoder.save_architecture(staging / name),
+                "options": options,
                 "registered_as": getattr(encoder, "registered_name", encoder.family),
                 "dim": encoder.dim,
             }
@@ -150,6 +153,22 @@ def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = Non
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return BundleInfo(folder, manifest, model_json)
+
+
+def _check_rebuildable(name: str, encoder, options: dict[str, Any]) -> None:
+    """Refuse, before a bundle exists, a tower that ``load_bundle`` could not rebuild: its
+    ``family`` must be a registered encoder that takes the options ``save_architecture`` returned,
+    and its preprocessing one a bundle stores (the runtimes read it without the plugin)."""
+    from .encoders.factory import rebuild_problem
+    from .preprocess import ImagePreprocessor, TextPreprocessor
+
+    problem = rebuild_problem(encoder.family, options)
+    if problem is None and not isinstance(encoder.preprocessor, (TextPreprocessor, ImagePreprocessor)):
+        problem = (f"its preprocessor is a {type(encoder.preprocessor).__name__}, not the TextPreprocessor or "
+                   f"ImagePreprocessor (mmretrieve.preprocess) a bundle can store")
+    if problem:
+        raise BundleError(f"cannot save the {name} tower ({type(encoder).__name__}) as a bundle: {problem}; "
+                          f"see docs/plugins.md")
 
 
 def _fingerprint(weights_sha256: str, towers: dict[str, Any]) -> str:
@@ -217,7 +236,7 @@ def load_bundle(ref: str | Path, verify: bool = True):
     """Rebuild a RetrievalModel from a bundle, offline, with its saved weights."""
     from safetensors.torch import load_file
 
-    from .encoders import create_encoder
+    from .encoders.factory import rebuild_encoder, rebuild_problem
     from .model import RetrievalModel
     from .preprocess import load_preprocessor
 
@@ -230,14 +249,15 @@ def load_bundle(ref: str | Path, verify: bool = True):
             encoders[name] = _reference_encoder(info.path, name, tower["reference"])
             referenced.append(f"{name}_tower.")
         else:
-            options = dict(tower["options"])
-            if tower["family"] == "bert":
-                options["model_name"] = str(info.path / name)
             try:
-                encoders[name] = create_encoder(tower["family"], pretrained=False, **options)
+                problem = rebuild_problem(tower["family"], tower["options"])
             except UnknownNameError:
                 raise BundleError(f"{info.path}: its {name} tower needs the {tower['family']!r} encoder, "
                                   f"which no installed plugin provides") from None
+            if problem:
+                raise BundleError(f"{info.path}: its {name} tower cannot be rebuilt: {problem}; "
+                                  f"see docs/plugins.md")
+            encoders[name] = rebuild_encoder(tower["family"], info.path / name, tower["options"])
         # The preprocessing saved with the bundle, not today's defaults of the library.
         encoders[name].preprocessor = load_preprocessor(info.path / name)
         encoders[name].registered_name = tower.get("registered_as", tower["family"])

@@ -42,6 +42,23 @@ def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def registered(kind: str, keywords: tuple[str, ...] = ("auto",)):
+    """An option callback accepting ``keywords`` or any name registered for ``kind``, a plugin's
+    included; the registry is read only when such a value is given, so --help loads no plugin.
+    Returns the registered name (an alias becomes the name it stands for)."""
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None or value in keywords:
+            return value
+        from .plugins import get_host
+
+        registry = get_host().registry(kind)
+        if value not in registry:
+            raise click.BadParameter(f"{registry.unknown_message(value)}; or {' or '.join(keywords)}")
+        return registry.get(value).name
+
+    return check
+
+
 def config_options(func):
     """--config FILE and repeatable --set key=value, in that order of precedence."""
     func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -272,8 +289,8 @@ def _print_gain(result) -> None:
               help="With --fused: a trained fusion head to include (repeatable; heads stored in the model are included).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
-@click.option("--runtime", default="auto", show_default=True,
-              help="torch, onnx, or auto (onnx for an export folder, else torch).")
+@click.option("--runtime", default="auto", show_default=True, callback=registered("runtime"),
+              help="torch, onnx, a plugin's (see `mmretrieve plugins`), or auto (onnx for an export folder, else torch).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @click.option("--json", "as_json", is_flag=True, help='Print {"t2i": {...}, "i2t": {...}} (percentages).')
 def evaluate(model_ref, data, fused, weights, fusion_bundles, batch_size, workers, runtime, device, as_json):
@@ -454,8 +471,9 @@ def _index_model(folder: Path, rebuild: bool) -> str:
 @click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: index/images, or index/texts with --texts).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching (path relative to PATH, or name); repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files matching; repeatable.")
-@click.option("--index-type", type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]), default=None,
-              help="auto (the default for a new index) picks by collection size and --memory-budget; for an "
+@click.option("--index-type", default=None, callback=registered("index_backend"),
+              help="flat, hnsw, ivfpq, a plugin's backend (see `mmretrieve plugins`), or auto (the default for a "
+                   "new index), which picks by collection size and --memory-budget; for an "
                    "existing index, another type re-indexes its stored vectors (nothing is embedded again).")
 @click.option("--memory-budget", help="Memory the index may use, e.g. 4GB (for --index-type auto).")
 @click.option("--captions", "captions_file", type=click.Path(exists=True),
@@ -470,8 +488,8 @@ def _index_model(folder: Path, rebuild: bool) -> str:
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (default: cores - 1).")
 @click.option("--commit-every", type=click.IntRange(1), default=5000, show_default=True,
               help="Publish the index every N embedded images (a killed run keeps them either way).")
-@click.option("--runtime", default="auto", show_default=True,
-              help="torch, onnx (see `mmretrieve plugins`), or auto: onnx for an export folder, else torch.")
+@click.option("--runtime", default="auto", show_default=True, callback=registered("runtime"),
+              help="torch, onnx, a plugin's (see `mmretrieve plugins`), or auto: onnx for an export folder, else torch.")
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--rebuild", is_flag=True, help="Re-embed everything (needed to switch models).")
 @click.option("--follow-links", is_flag=True,
@@ -545,8 +563,9 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 @click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: index/images).")
 @click.option("--texts", "search_texts", is_flag=True, help="Search the caption index (default dir index/texts).")
 @click.option("--model", "model_ref", help="Model to embed queries with (must be the index's).")
-@click.option("--runtime", default="auto", show_default=True,
-              help="torch, onnx, or auto: onnx for an export folder (--model), else torch.")
+@click.option("--runtime", default="auto", show_default=True, callback=registered("runtime"),
+              help="torch, onnx, a plugin's (see `mmretrieve plugins`), or auto: onnx for an export folder (--model), "
+                   "else torch.")
 @click.option("--device", help="torch device (default: cuda when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of results (per query if several).")
 @click.option("-p", "--paths", "paths_only", is_flag=True, help="Print only paths, one per line (for piping).")
@@ -629,8 +648,9 @@ def _echo_paths(paths: list[str], null_ends: bool) -> None:
               show_envvar=True)
 @click.option("--model", "model_ref", envvar="MMRETRIEVE_MODEL", show_envvar=True,
               help="Model to embed queries with (default: the index's own; an ONNX export keeps torch out).")
-@click.option("--runtime", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
-              envvar="MMRETRIEVE_RUNTIME", show_envvar=True, help="auto: onnx for an export folder, else torch.")
+@click.option("--runtime", default="auto", show_default=True, callback=registered("runtime"),
+              envvar="MMRETRIEVE_RUNTIME", show_envvar=True,
+              help="torch, onnx, a plugin's (see `mmretrieve plugins`), or auto: onnx for an export folder, else torch.")
 @click.option("--device", envvar="MMRETRIEVE_DEVICE", show_envvar=True, help="cpu, cuda, cuda:N (default: cuda when present).")
 @click.option("--api-key", envvar="MMRETRIEVE_API_KEY", show_envvar=True,
               help="Require this key (X-API-Key header or Bearer token) for /api, /file and /thumb.")

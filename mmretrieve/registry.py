@@ -1,7 +1,8 @@
 """Name -> spec tables, one per kind of plugin contribution.
 
 A table refuses a second registration of a name (or alias) rather than overwriting it, and
-an unknown name raises an error that lists the closest registered names.
+an unknown name raises an error that lists the closest registered names. Source prefixes
+(an encoder's ``timm:``) are names too: a prefix registered by two plugins is refused the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Registry(Generic[S]):
         self.spec_type = spec_type
         self._specs: dict[str, S] = {}
         self._aliases: dict[str, str] = {}
+        self._prefixes: dict[str, str] = {}  # "timm:" -> the name of the spec that owns it
 
     def add(self, spec: S) -> None:
         if not isinstance(spec, self.spec_type):
@@ -36,9 +38,24 @@ class Registry(Generic[S]):
                     f"{self.kind} name {key!r} from plugin {spec.plugin!r} clashes with the one "
                     f"registered by plugin {owner.plugin!r}; rename it or block one plugin"
                 )
+        prefixes = tuple(getattr(spec, "prefixes", ()))
+        for prefix in prefixes:
+            owner = self.prefix_owner(prefix)
+            if owner is not None:
+                raise RegistrationError(
+                    f"{self.kind} prefix {prefix!r} of {spec.name!r} from plugin {spec.plugin!r} clashes with the "
+                    f"one of {owner.name!r} registered by plugin {owner.plugin!r}; rename it or block one plugin"
+                )
         self._specs[spec.name] = spec
         for alias in spec.aliases:
             self._aliases[alias] = spec.name
+        for prefix in prefixes:
+            self._prefixes[prefix] = spec.name
+
+    def prefix_owner(self, prefix: str) -> S | None:
+        """The spec that registered a source prefix such as ``"timm:"``, or None."""
+        name = self._prefixes.get(prefix)
+        return None if name is None else self._specs[name]
 
     def _owner(self, key: str) -> S | None:
         if key in self._specs:

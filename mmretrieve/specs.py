@@ -2,11 +2,13 @@
 
 A factory is either a callable or a ``"package.module:attribute"`` string, so declaring an
 encoder costs nothing and the heavy library behind it is imported when it is first built.
+What each kind's factory is called with and must return is written in ``mmretrieve.hookspecs``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +28,25 @@ def resolve_factory(factory: str | Callable[..., Any]) -> Callable[..., Any]:
     for part in attribute.split("."):
         target = getattr(target, part)
     return target
+
+
+def unaccepted_options(factory: Callable[..., Any], names) -> list[str]:
+    """The keyword arguments among ``names`` that ``factory`` cannot take: none when it takes
+    ``**kwargs`` or has no signature to read."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return []
+    named = {n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return [name for name in names if name not in named]
+
+
+def rebuild_options(factory: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` plus ``pretrained=False`` when ``factory`` takes that argument: how an encoder
+    is rebuilt from a bundle, whose own weights replace any pretrained ones."""
+    return {**options, **({} if unaccepted_options(factory, ["pretrained"]) else {"pretrained": False})}
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,16 @@ class EncoderSpec(Spec):
         super().validate()
         if self.modality not in MODALITIES:
             raise RegistrationError(f"encoder {self.name!r}: modality must be one of {MODALITIES}, not {self.modality!r}")
+        for prefix in self.prefixes:
+            if not isinstance(prefix, str) or not prefix.endswith(":") or len(prefix) < 2 or " " in prefix:
+                raise RegistrationError(f"encoder {self.name!r}: prefix {prefix!r} must be a word ending in ':', "
+                                        f"like 'timm:'")
+        if callable(self.factory):  # a "module:attribute" factory is checked when first built, not imported here
+            wanted = [*self.defaults, *([self.prefix_option] if self.prefixes else [])]
+            wrong = unaccepted_options(self.factory, wanted)
+            if wrong:
+                raise RegistrationError(f"encoder {self.name!r}: its factory takes no argument "
+                                        f"{', '.join(map(repr, wrong))}, which its defaults or prefixes pass")
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,311 @@ def test_list_encoders_filters_by_pattern_and_modality(monkeypatch):
 
     assert list_encoders(modality="image") == ["timm"]
     assert list_encoders("b*") == ["bert"]
+
+
+# -- Every plugin kind open at every edge: a third party's backend, runtime and loss, used ------
+
+@pytest.fixture
+def third_party(monkeypatch):
+    """plugin_fixtures.THIRD_PARTY installed next to whatever is: a real entry point, loaded by the host."""
+    installed = metadata.entry_points
+    ours = entry_point("third-party", "plugin_fixtures:THIRD_PARTY")
+
+    def entry_points(**selection):  # other libraries (pydantic) read their own groups through it too
+        found = installed(**selection)
+        return [*found, ours] if selection.get("group") == plugins.ENTRY_POINT_GROUP else found
+
+    monkeypatch.setattr(plugins.metadata, "entry_points", entry_points)
+    plugins.reset_host()
+    plugin_fixtures.CALLS.clear()
+    return plugin_fixtures.CALLS
+
+
+@pytest.fixture
+def tiny_bundle(tiny_model, tmp_path):
+    from mmretrieve.bundle import save_bundle
+
+    return save_bundle(tiny_model, tmp_path / "bundle").path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    from conftest import random_image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(4):
+        random_image(seed).save(folder / f"{seed}.png")
+    return folder
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_third_party_index_backend_is_chosen_from_the_cli_built_and_searched(third_party, tiny_bundle, photos,
+                                                                            tmp_path):
+    import json
+
+    index_dir = tmp_path / "index"
+    result = invoke("index", photos, "--model", tiny_bundle, "--index-dir", index_dir, "--workers", 0,
+                    "--index-type", "numpy-brute")
+    assert "4 items (numpy-brute," in result.stdout
+    assert [json.loads(p.read_text())["kind"] for p in index_dir.rglob("index.json")] == ["numpy-brute"]
+    hits = json.loads(invoke("search", "a red dog", "--index-dir", index_dir, "-k", 3, "--json").stdout)
+    assert len(hits) == 3 and {h["path"].rpartition("/")[2] for h in hits} <= {f"{i}.png" for i in range(4)}
+    assert third_party["index.load"] >= 1 and third_party["index.search"] >= 1
+
+
+def test_third_party_runtime_is_chosen_with_runtime_for_index_search_and_serve(third_party, tiny_bundle, photos,
+                                                                              tmp_path, monkeypatch):
+    import json
+
+    index_dir = tmp_path / "index"
+    invoke("index", photos, "--model", tiny_bundle, "--index-dir", index_dir, "--workers", 0, "--runtime", "counting")
+    assert third_party["runtime.embed_pixels"] >= 1
+    hits = json.loads(invoke("search", "a red dog", "--index-dir", index_dir, "--runtime", "counting", "--json").stdout)
+    assert len(hits) == 4 and third_party["runtime.embed_texts"] >= 1
+
+    from fastapi.testclient import TestClient
+
+    from mmretrieve.serve import create_app
+
+    answers = []
+
+    def serve_in_process(config, **options):  # instead of uvicorn: the same app, one request
+        with TestClient(create_app(config)) as client:
+            answers.append((config.runtime, client.get("/api/search", params={"q": "a dog"}).json()))
+
+    monkeypatch.setattr("mmretrieve.serve.server.serve", serve_in_process)
+    texts_before = third_party["runtime.embed_texts"]
+    invoke("serve", "--index-dir", index_dir, "--runtime", "counting", "--thumb-cache", tmp_path / "thumbs")
+    (runtime, answer), = answers
+    assert runtime == "counting" and third_party["runtime.embed_texts"] > texts_before
+    assert len(answer["results"]) == 4
+
+
+def test_third_party_loss_is_chosen_in_the_train_config_and_trains(third_party, tiny_bert_dir, tmp_path):
+    import json
+
+    from tiny_models import TINY_TIMM, make_colour_dataset
+
+    data = make_colour_dataset(tmp_path / "colours", per_colour=2)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "val_size": 4, "batch_size": 4, "warmup_steps": 1, "workers": 0, "max_steps": 2,
+        "model": {"embed_dim": 8,
+                  "text": {"encoder": "bert", "options": {"model_name": str(tiny_bert_dir), "max_length": 16}},
+                  "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": 32}}},
+    }))
+    result = invoke("train", "--config", config, "--data", data, "--epochs", 1, "-o", tmp_path / "run",
+                    "--set", "loss=counting-loss", "--set", 'loss_options={"scale": 2.0}')
+    assert "trained 2 steps" in result.stdout
+    assert third_party["loss.forward"] == 2 and third_party["loss.scale"] == 2.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "--texts", "{data}", "--index-type", "numpy-brut"],
+     "unknown index backend 'numpy-brut'; did you mean 'numpy-brute'?"),
+    (["search", "a dog", "--runtime", "countin"], "unknown runtime 'countin'; did you mean 'counting'"),
+])
+def test_unknown_plugin_kinds_are_one_sentence_with_close_matches(third_party, tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    data = tmp_path / "captions.jsonl"
+    data.write_text("")
+    result = CliRunner().invoke(cli, [a.format(data=data) for a in args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [["index", "--help"], ["serve", "--help"], ["search", "--help"], ["eval", "--help"]])
+def test_help_of_commands_with_plugin_kinds_imports_nothing_heavy(args):
+    import subprocess
+    import sys
+
+    code = ("import sys; from mmretrieve.cli import main; sys.argv = ['mmretrieve', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'timm', 'faiss', 'onnxruntime') if m in sys.modules]\n"
+            "print('HEAVY', heavy, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in result.stderr, result.stderr
+    assert "a plugin's" in result.stdout  # the help says plugins' names are accepted
+
+
+# -- Encoder contracts: prefixes, factory signatures, rebuilding from a bundle ---------------------
+
+def test_a_prefix_registered_twice_is_refused_naming_both_plugins():
+    host = loaded_host()
+    host.register(plugin_fixtures.SecondTimm(), "second-timm")
+    registry = host.registry("encoder")
+    refused = host.records["second-timm"].refused
+    assert len(refused) == 1
+    assert "prefix 'timm:'" in refused[0] and "'second-timm'" in refused[0]
+    assert "'mmretrieve.default_plugins.encoders'" in refused[0]
+    assert "other-timm" not in registry and "prefix-survivor" in registry
+    from mmretrieve.encoders.factory import resolve_encoder_name
+
+    with host_as_global(host):
+        assert resolve_encoder_name("timm:resnet18")[0].name == "timm"
+        assert resolve_encoder_name("mine:x")[0].name == "prefix-survivor"
+
+
+def test_a_callable_factory_that_cannot_take_its_defaults_is_refused_at_registration():
+    host = loaded_host()
+    host.register(plugin_fixtures.DefaultsTheFactoryRefuses(), "no-size-plugin")
+    assert "no-size" not in host.registry("encoder")
+    assert "its factory takes no argument 'size'" in host.records["no-size-plugin"].refused[0]
+
+
+class host_as_global:
+    """Make ``host`` the process-wide one for a block (what create_encoder and load_bundle read)."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def __enter__(self):
+        plugins._HOST = self.host
+
+    def __exit__(self, *exc):
+        plugins.reset_host()
+
+
+def _plugin_image_encoder(family="tiny-image", preprocessor=None, options=None):
+    """A plugin's Encoder class: no `pretrained` argument, its own family name."""
+    from pathlib import Path
+
+    from mmretrieve.encoders.timm_image import TimmEncoder
+    from tiny_models import TINY_TIMM
+
+    class TinyImage(TimmEncoder):
+        def __init__(self, image_size=32):
+            super().__init__(TINY_TIMM, pretrained=False, image_size=image_size)
+            if preprocessor is not None:
+                self.preprocessor = preprocessor
+
+        def save_architecture(self, folder):
+            self.preprocessor.save(Path(folder)) if hasattr(self.preprocessor, "save") else None
+            return options if options is not None else {"image_size": self.options["image_size"]}
+
+    TinyImage.family = family
+    return TinyImage
+
+
+def _register_image_encoder(encoder_class, name="tiny-image"):
+    from mmretrieve import hookimpl
+    from mmretrieve.specs import EncoderSpec
+
+    class Plugin:
+        @hookimpl
+        def register_encoders(self, register):
+            register(EncoderSpec(name=name, modality="image", factory=encoder_class))
+
+    plugins.get_host().register(Plugin(), f"{name}-plugin")
+
+
+def _model_with(image_encoder_name, tiny_bert_dir):
+    from mmretrieve.config import ModelConfig, TowerConfig
+    from mmretrieve.model import build_model
+
+    return build_model(ModelConfig(text=TowerConfig("bert", {"model_name": str(tiny_bert_dir), "max_length": 16}),
+                                   image=TowerConfig(image_encoder_name, {}), embed_dim=8))
+
+
+def test_a_plugin_encoder_without_pretrained_saves_and_loads_again(tiny_bert_dir, tmp_path):
+    import torch
+
+    from mmretrieve.bundle import load_bundle, save_bundle
+
+    _register_image_encoder(_plugin_image_encoder())
+    model = _model_with("tiny-image", tiny_bert_dir)
+    save_bundle(model, tmp_path / "bundle")
+    loaded = load_bundle(tmp_path / "bundle")
+    assert type(loaded.image_encoder).__name__ == "TinyImage" and loaded.image_encoder.registered_name == "tiny-image"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("family", "its encoder family 'tiny-imgae' is not a registered encoder name"),
+    ("options", "takes no argument 'colour', which its save_architecture returned"),
+    ("preprocessor", "its preprocessor is a function, not the TextPreprocessor or ImagePreprocessor"),
+])
+def test_a_tower_load_could_not_rebuild_is_refused_at_save_in_one_sentence(tiny_bert_dir, tmp_path, kind, message):
+    from mmretrieve.bundle import save_bundle
+    from mmretrieve.errors import BundleError
+
+    encoder = {"family": _plugin_image_encoder(family="tiny-imgae"),
+               "options": _plugin_image_encoder(options={"colour": "red"}),
+               "preprocessor": _plugin_image_encoder(preprocessor=lambda items: {})}[kind]
+    _register_image_encoder(encoder)
+    model = _model_with("tiny-image", tiny_bert_dir)
+    with pytest.raises(BundleError, match="cannot save the image tower") as caught:
+        save_bundle(model, tmp_path / "bundle")
+    assert message in str(caught.value) and "docs/plugins.md" in str(caught.value)
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_bundle_whose_tower_cannot_be_rebuilt_is_one_sentence_at_load(tiny_bert_dir, tmp_path):
+    import json
+
+    from mmretrieve.bundle import load_bundle, save_bundle
+    from mmretrieve.errors import BundleError
+
+    _register_image_encoder(_plugin_image_encoder())
+    save_bundle(_model_with("tiny-image", tiny_bert_dir), tmp_path / "bundle")
+    model_json = tmp_path / "bundle" / "model.json"  # as a bundle saved before the check could be
+    described = json.loads(model_json.read_text())
+    described["towers"]["image"]["options"]["colour"] = "red"
+    model_json.write_text(json.dumps(described))
+    with pytest.raises(BundleError, match=r"its image tower cannot be rebuilt: the factory of the 'tiny-image' "
+                                          r"encoder \(plugin 'tiny-image-plugin'\) takes no argument 'colour'"):
+        load_bundle(tmp_path / "bundle", verify=False)
+
+
+def test_builtin_and_third_party_implementations_satisfy_the_hookspec_protocols(tmp_path):
+    from mmretrieve import hookspecs
+    from mmretrieve.fusion.strategies import LateFusion, MeanFusion
+    from mmretrieve.index.backends import FlatIndex
+    from mmretrieve.train.losses import InfoNCELoss, SigLIPLoss
+
+    for index in (FlatIndex(4), plugin_fixtures.NumpyIndex(4)):
+        assert isinstance(index, hookspecs.IndexBackendProtocol)
+    for loss in (InfoNCELoss(), SigLIPLoss(), plugin_fixtures.counting_loss()):
+        assert isinstance(loss, hookspecs.LossProtocol)
+    for strategy in (LateFusion(), MeanFusion(), plugin_fixtures.LouderModality(), plugin_fixtures.BestOfBoth()):
+        assert isinstance(strategy, hookspecs.LateFusionProtocol if strategy.late else hookspecs.FusionStrategyProtocol)
+    assert not isinstance(object(), hookspecs.EmbedderProtocol)
+
+
+def test_hookspecs_import_without_torch_and_name_only_modules_that_exist():
+    import importlib
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, mmretrieve.hookspecs; print([m for m in ('torch', 'numpy') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+    from mmretrieve import hookspecs
+
+    named = set(re.findall(r"mmretrieve(?:\.\w+)+", Path(hookspecs.__file__).read_text()))
+    assert "mmretrieve.encoders.base.Encoder" in named
+    for dotted in named:  # a module, or an attribute of one (mmretrieve.index.base.VectorIndex)
+        module, attributes = dotted, []
+        while True:
+            try:
+                target = importlib.import_module(module)
+                break
+            except ModuleNotFoundError:
+                module, _, attribute = module.rpartition(".")
+                attributes.insert(0, attribute)
+        for attribute in attributes:
+            target = getattr(target, attribute)

@@ -91,6 +91,17 @@ class Encoder(abc.ABC):
     def save_architecture(self, folder: Path) -> dict[str, Any]:
         """Write config, tokenizer and preprocessing files (no weights); return rebuild options."""
 
+    @classmethod
+    def from_bundle(cls, folder: Path, options: dict[str, Any]) -> "Encoder":
+        """Rebuild the architecture from a bundle's tower folder (what ``save_architecture`` wrote
+        there) and the options it returned; ``load_bundle`` then loads the bundle's weights and
+        preprocessing into it. By default ``cls(**options)``, with ``pretrained=False`` when the
+        constructor takes it (weights the bundle replaces are not fetched). Override it when the
+        folder's files stand in for something the options name (``bert`` reads its checkpoint there)."""
+        from ..specs import rebuild_options
+
+        return cls(**rebuild_options(cls, options))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 

@@ -131,3 +131,8 @@ class BertEncoder(Encoder):
         self.module.model.config.save_pretrained(folder)
         self.preprocessor.save(folder)
         return {"pooling": self.options["pooling"], "max_length": self.options["max_length"]}
+
+    @classmethod
+    def from_bundle(cls, folder: Path, options: dict[str, Any]) -> "BertEncoder":
+        """The config.json and tokenizer saved in the tower folder stand in for the checkpoint."""
+        return super().from_bundle(folder, {**options, "model_name": str(folder)})
