@@ -108,6 +108,14 @@ def strace_command(command: list[str], log_file: Path, inject: bool) -> list[str
     return traced + command
 
 
+def strace_works() -> bool:
+    if not shutil.which("strace"):
+        return False
+    probe = subprocess.run(["strace", "--seccomp-bpf", "-f", "-qq", "-e", "trace=rename", "-o", os.devnull, "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
 def touches(line: str, targets: list[Path]) -> bool:
     return any(str(t) in line or str(t.parent / f".{t.name}") in line for t in targets)
 
@@ -738,8 +746,8 @@ def main() -> int:
     unknown = [s for s in chosen if s not in SCENARIOS] + [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown scenario or kind: {', '.join(unknown)}")
-    if "window" in kinds and not shutil.which("strace"):
-        log("strace not found: window kills are skipped (apt-get install strace)")
+    if "window" in kinds and not strace_works():
+        log("strace is missing or cannot trace here (ptrace refused): window kills are skipped")
         kinds.remove("window")
     work = args.work or Path(tempfile.mkdtemp(prefix="mmretrieve-faults-"))
     if args.work:
