@@ -463,3 +463,70 @@ def test_hookspecs_import_without_torch_and_name_only_modules_that_exist():
                 attributes.insert(0, attribute)
         for attribute in attributes:
             target = getattr(target, attribute)
+
+
+# -- docs/plugins.md: its example package, installed from the page, used ---------------------------
+
+def test_the_example_package_in_docs_plugins_md_works(tmp_path, monkeypatch, tiny_bundle):
+    import re
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from click.testing import CliRunner
+
+    from mmretrieve import hookspecs
+    from mmretrieve.cli import cli
+
+    page = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    files = dict(re.findall(r'```\w+ title="([^"]+)"\n(.*?)```', page, flags=re.S))
+    assert {"pyproject.toml", "mmretrieve_example/plugin.py", "mmretrieve_example/index.py"} <= set(files)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "mmretrieve_example" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    value = re.search(r'^example = "(.+)"$', files["pyproject.toml"], flags=re.M).group(1)
+    fake_entry_points(monkeypatch, entry_point("example", value))
+    monkeypatch.delitem(sys.modules, "mmretrieve_example", raising=False)
+    plugins.reset_host()
+    host = plugins.get_host()
+
+    assert host.records["example"].error is None and not host.records["example"].refused
+    index = host.registry("index_backend").get("numpy-exact").build(dim=4)
+    index.add([3, 9], np.eye(4, dtype=np.float32)[:2])
+    index.save(tmp_path / "saved")
+    from mmretrieve.index.backends import load_index
+
+    scores, ids = load_index(tmp_path / "saved").search(np.eye(4, dtype=np.float32)[1], 3)
+    assert ids.tolist() == [[9, 3, -1]] and isinstance(index, hookspecs.IndexBackendProtocol)
+
+    louder = host.registry("fusion").get("louder").build(dim=2, weights=None)
+    fused = louder.fuse(np.array([[0.6, -0.8]], np.float32), np.array([[1.0, 0.0]], np.float32))
+    np.testing.assert_allclose(fused, [[1.0 / np.hypot(1, 0.8), -0.8 / np.hypot(1, 0.8)]], rtol=1e-6)
+
+    loss = host.registry("loss").get("dcl").build(dist_info=None)
+    features = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    assert isinstance(loss, hookspecs.LossProtocol) and torch.isfinite(loss(features, features, torch.tensor(10.0)))
+
+    from mmretrieve.encoders import create_encoder
+    from mmretrieve.encoders.factory import rebuild_problem
+
+    encoder = create_encoder("mobilenet-small", pretrained=False, image_size=64)
+    assert encoder.family == "mobilenet-small" and encoder.dim == 1024
+    (tmp_path / "tower").mkdir()
+    assert rebuild_problem(encoder.family, encoder.save_architecture(tmp_path / "tower")) is None
+
+    embedder = host.registry("runtime").get("cached-torch").build(model_ref=str(tiny_bundle), device="cpu")
+    first = embedder.embed_texts(["a red dog", "a cat"])
+    assert np.array_equal(embedder.embed_texts(["a cat", "a red dog"]), first[::-1]) and len(embedder.cache) == 2
+
+    from mmretrieve.cli import _add_plugin_commands
+
+    _add_plugin_commands()  # what main() does before parsing
+    try:
+        result = CliRunner().invoke(cli, ["example-hello", "you"])
+    finally:
+        cli.commands.pop("example-hello", None)
+    assert result.exit_code == 0 and result.output == "hello you\n"
