@@ -530,3 +530,12 @@ def test_the_example_package_in_docs_plugins_md_works(tmp_path, monkeypatch, tin
     finally:
         cli.commands.pop("example-hello", None)
     assert result.exit_code == 0 and result.output == "hello you\n"
+
+
+def test_an_option_the_encoder_factory_does_not_take_is_one_sentence():
+    from mmretrieve.encoders import create_encoder
+    from mmretrieve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"encoder 'timm' takes no option 'colour' \(its options: model_name, "
+                                          r"pretrained, weights, model_kwargs, image_size\)"):
+        create_encoder("timm:resnet18", colour="red")

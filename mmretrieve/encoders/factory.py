@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnknownNameError
+from ..errors import ConfigError, UnknownNameError
 from ..plugins import get_host
 from ..specs import EncoderSpec, rebuild_options, resolve_factory, unaccepted_options
 
@@ -31,7 +32,14 @@ def create_encoder(name: str, **overrides: Any):
     """Build a registered encoder; ``overrides`` replace the spec's default options."""
     spec, implied = resolve_encoder_name(name)
     options = {**spec.defaults, **implied, **overrides}
-    encoder = spec.build(**options)
+    factory = resolve_factory(spec.factory)
+    wrong = unaccepted_options(factory, options)
+    if wrong:
+        known = [n for n, p in inspect.signature(factory).parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                           p.KEYWORD_ONLY)]
+        raise ConfigError(f"encoder {spec.name!r} takes no option {', '.join(map(repr, wrong))} "
+                          f"(its options: {', '.join(known) or 'none'})")
+    encoder = factory(**options)
     encoder.registered_name = spec.name
     return encoder
 
