@@ -184,7 +184,8 @@ def register_encoders(register):
     (``"timm:resnet50"``) and ``options`` come from the model config; returns an
     ``EncoderProtocol``. A prefix, like a name, belongs to one plugin: a second registration of it
     is refused. A factory given as a callable must accept the spec's defaults (checked when it
-    registers); it need not take ``pretrained``, which is passed (as False) only to factories
+    registers); an option the factory does not take is refused in one sentence when it is built.
+    It need not take ``pretrained``, which is passed (as False) only to factories
     that accept it when a bundle is loaded.
     """
 
