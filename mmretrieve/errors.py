@@ -42,3 +42,11 @@ class IndexDamagedError(InputError):
     def __init__(self, message: str, problem: str | None = None):
         super().__init__(message)
         self.problem = problem or message
+
+
+class ExportError(MMRetrieveError):
+    """An export that cannot be written: bad options, an unusable target, a recall drop."""
+
+
+class ParityError(ExportError):
+    """An ONNX graph computes something other than the PyTorch model or head it came from."""

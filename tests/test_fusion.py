@@ -233,7 +233,7 @@ def test_trained_head_exports_to_onnx_with_parity(tmp_path, name):
 
 @pytest.mark.onnx
 def test_an_export_that_computes_something_else_is_not_written(tmp_path, trained_gated, monkeypatch):
-    from mmretrieve.export.errors import ParityError
+    from mmretrieve.errors import ParityError
     from mmretrieve.fusion import onnx as fusion_onnx
 
     # PyTorch's side now fuses differently from the graph that gets exported.

@@ -12,7 +12,7 @@ preprocesses (mmretrieve.preprocess) and runs it. Reading an export never import
 one does (``mmretrieve.export.exporter``).
 """
 
-from .errors import ExportError, ParityError
+from ..errors import ExportError, ParityError
 from .manifest import EXPORT_JSON, FORMAT, FORMAT_VERSION, ExportInfo, is_export, read_export_info
 
 __all__ = ["EXPORT_JSON", "FORMAT", "FORMAT_VERSION", "ExportError", "ExportInfo", "ParityError", "is_export",

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..formats import sha256_file
-from .errors import ExportError
+from ..errors import ExportError
 from .manifest import EXPORT_JSON, FORMAT, FORMAT_VERSION, PRECISIONS, TOWER_GRAPHS, is_export
 from .recall import GATED, MAX_RECALL_DROP, recall_report, require_recall
 

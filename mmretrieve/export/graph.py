@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ExportError
+from ..errors import ExportError
 from .manifest import TOWER_GRAPHS
 
 MIN_OPSET = 17  # LayerNormalization is a single ONNX op from 17 on

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats import check_format
-from .errors import ExportError
+from ..errors import ExportError
 
 FORMAT = "mmretrieve-onnx-export"
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..metrics import PARITY_MIN_COSINE
-from .errors import ParityError
+from ..errors import ParityError
 
 MAX_NORM_ERROR = 1e-3  # the runtime promises unit vectors; cosine alone cannot see a lost normalisation
 

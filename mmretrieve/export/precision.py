@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import ExportError
+from ..errors import ExportError
 
 # Dynamic int8 (weights quantised ahead, activations at run time), per output channel, on
 # MatMul only. Measured on MiniLM here: the default settings (per-tensor, every op) moved

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ExportError
+from ..errors import ExportError
 
 MAX_RECALL_DROP = 1.0  # points of Recall@5, in either direction, against the fp32 export
 GATED = "R@5"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError, InputError
-from ..export.errors import ParityError
+from ..errors import BundleError, InputError, ParityError
 from ..metrics import PARITY_MIN_COSINE  # per fused embedding, fp32: the same bar as the towers' export
 from .strategies import FusionStrategy, LearnedFusion, check_pair
 

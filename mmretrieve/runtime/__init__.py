@@ -25,7 +25,7 @@ def choose_runtime(model_ref: str, runtime: str = "auto") -> str:
 
     if runtime != "auto":
         if runtime == "torch" and is_export(model_ref):
-            from ..export.errors import ExportError
+            from ..errors import ExportError
 
             raise ExportError(f"{model_ref} is an ONNX export, which the torch runtime cannot load; use "
                               f"--runtime onnx (or auto), or give the bundle it was exported from")

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import MANIFEST as BUNDLE_MANIFEST
-from ..errors import InputError
-from ..export.errors import ExportError
+from ..errors import ExportError, InputError
 from ..export.manifest import read_export_info
 from ..preprocess import ImagePreprocessor, TextPreprocessor
 
