@@ -153,7 +153,12 @@ class IndexBackendProtocol(Protocol):
 
 @runtime_checkable
 class EmbedderProtocol(Protocol):
-    """What a runtime builds for one model: turns texts and images into its shared space."""
+    """What a runtime builds for one model: turns texts and images into its shared space.
+
+    Optional: ``load_fusion_head(folder)`` returns the trained fusion head stored in ``folder``
+    run this runtime's way (the onnx runtime runs it in onnxruntime); without it a head runs in
+    PyTorch.
+    """
 
     runtime: str  # the runtime's registered name
     ref: str  # the model reference it was given
