@@ -28,7 +28,7 @@ from typing import Any
 from . import __version__
 from .config import ModelConfig, from_dict, to_dict
 from .errors import BundleError, UnknownNameError
-from .formats import check_format, sha256_file
+from .formats import read_folder_manifest, read_json_object, sha256_file
 
 FORMAT = "mmretrieve-bundle"
 FORMAT_VERSION = 1
@@ -213,23 +213,15 @@ def resolve_model(ref: str | Path) -> Path:
 def read_bundle_info(ref: str | Path, verify: bool = False) -> BundleInfo:
     """Manifest and model description, without torch; ``verify`` re-hashes every file."""
     folder = resolve_model(ref)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{folder} is not a model bundle (no {MANIFEST}); train one with `mmretrieve train`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        model_json = json.loads((folder / MODEL_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{folder}: unreadable bundle metadata ({exc})") from None
-    check_format(manifest, folder, FORMAT, FORMAT_VERSION, "bundle", BundleError)
-    if verify:
-        for name, expected in manifest["files"].items():
-            file = folder / name
-            if not file.is_file():
-                raise BundleError(f"{folder}: {name} is missing; the bundle is incomplete")
-            if sha256_file(file) != expected:
-                raise BundleError(f"{folder}: {name} does not match its recorded hash; the bundle is corrupt")
-    return BundleInfo(folder, manifest, model_json)
+
+    def damaged(problem: str) -> BundleError:
+        return BundleError(f"{folder}: {problem}; the bundle is damaged: copy it again, or save it again "
+                           f"with `mmretrieve train`")
+
+    manifest = read_folder_manifest(
+        folder, MANIFEST, FORMAT, FORMAT_VERSION, "bundle", BundleError, damaged=damaged, verify=verify,
+        missing=f"{folder} is not a model bundle (no {MANIFEST}); train one with `mmretrieve train`")
+    return BundleInfo(folder, manifest, read_json_object(folder / MODEL_JSON, damaged))
 
 
 def load_bundle(ref: str | Path, verify: bool = True):

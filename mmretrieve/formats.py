@@ -1,11 +1,13 @@
-"""What every on-disk format of mmretrieve shares: a hash of file contents and the check that
-refuses folders written by a newer mmretrieve."""
+"""What every on-disk format of mmretrieve shares: a hash of file contents, the check that
+refuses folders written by a newer mmretrieve, and the one reader of a self-describing folder's
+manifest (model bundles, ONNX exports, fusion bundles, index folders, vector index folders)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 
@@ -18,15 +20,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def damaged_file(folder: Path, files: dict[str, str]) -> str | None:
-    """The first of ``files`` ({name relative to ``folder``: SHA-256}) that is missing or whose
-    contents changed, or None when every one matches."""
-    for name, expected in files.items():
-        if not (folder / name).is_file() or sha256_file(folder / name) != expected:
-            return name
-    return None
-
-
 def check_format(manifest: dict[str, Any], folder: Path, expected: str, supported_version: int, noun: str,
                  error: type[Exception]) -> None:
     """Raise ``error`` unless ``manifest`` is of format ``expected`` at a version this code reads."""
@@ -37,3 +30,59 @@ def check_format(manifest: dict[str, Any], folder: Path, expected: str, supporte
             f"{folder} uses {noun} format {manifest['format_version']}, newer than this mmretrieve "
             f"({__version__}) reads ({supported_version}); upgrade with `pip install -U mmretrieve`"
         )
+
+
+def read_json_object(path: Path, damaged: Callable[[str], Exception]) -> dict[str, Any]:
+    """The JSON object in ``path``; anything else (unreadable, not JSON, a list) is
+    ``damaged(problem)`` with a problem naming the file, e.g. "model.json holds no JSON object"."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise damaged(f"{Path(path).name} is missing") from None
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise damaged(f"{Path(path).name} cannot be read as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise damaged(f"{Path(path).name} holds no JSON object")
+    return data
+
+
+def read_folder_manifest(folder: str | Path, file_name: str, format_name: str, supported_version: int, what: str,
+                         error_type: type[Exception], *, missing: str | None = None,
+                         damaged: Callable[[str], Exception] | None = None, verify: bool = False,
+                         recover: bool = False) -> dict[str, Any]:
+    """The manifest ``file_name`` of a self-describing ``folder``, checked; every reader of one
+    (bundle, export, fusion bundle, index, vector index) calls this, then checks its own fields.
+
+    - ``recover``: the folder is an ``atomic_directory`` target, so a save killed between its
+      renames is put back first (``mmretrieve.atomic.recover_directory``).
+    - No manifest: ``error_type(missing)`` when ``missing`` is given (the folder is not a
+      ``what``: a user's mistake), else the folder is damaged.
+    - Damage (the manifest unreadable, not a JSON object, or with ``verify`` a file listed in its
+      ``files`` ({name: SHA-256}) missing or changed) is ``damaged(problem)``, the problem naming
+      the file (default: ``error_type("FOLDER: PROBLEM")``).
+    - A manifest of another format, or of a newer version than ``supported_version``, is
+      ``error_type`` (see :func:`check_format`; ``what`` names the kind of folder there).
+    """
+    folder = Path(folder)
+    if recover:
+        from .atomic import recover_directory
+
+        recover_directory(folder)
+    if damaged is None:
+        def damaged(problem: str) -> Exception:
+            return error_type(f"{folder}: {problem}")
+    path = folder / file_name
+    if missing is not None and not path.is_file():
+        raise error_type(missing)
+    manifest = read_json_object(path, damaged)
+    check_format(manifest, folder, format_name, supported_version, what, error_type)
+    if verify:
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise damaged(f"{file_name} lists no SHA-256 of its files")
+        for name, expected in files.items():
+            if not (folder / name).is_file():
+                raise damaged(f"{name} is missing")
+            if sha256_file(folder / name) != expected:
+                raise damaged(f"{name} does not match its recorded hash")
+    return manifest

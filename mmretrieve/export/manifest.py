@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..formats import check_format
 from ..errors import ExportError
+from ..formats import read_folder_manifest
 
 FORMAT = "mmretrieve-onnx-export"
 FORMAT_VERSION = 1
@@ -50,18 +49,13 @@ def is_export(ref: str | Path) -> bool:
     return (Path(ref) / EXPORT_JSON).is_file()
 
 
-def read_export_info(ref: str | Path) -> ExportInfo:
-    from ..atomic import recover_directory
-
+def read_export_info(ref: str | Path, verify: bool = False) -> ExportInfo:
+    """The export's manifest, checked; ``verify`` re-hashes every file it lists."""
     folder = Path(ref)
-    recover_directory(folder)
-    path = folder / EXPORT_JSON
-    if not path.is_file():
-        raise ExportError(f"{folder} is not an ONNX export (no {EXPORT_JSON}); create one with "
-                          f"`mmretrieve export --model MODEL --out {folder}`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{folder}: unreadable {EXPORT_JSON} ({exc})") from None
-    check_format(manifest, folder, FORMAT, FORMAT_VERSION, "ONNX export", ExportError)
+    manifest = read_folder_manifest(
+        folder, EXPORT_JSON, FORMAT, FORMAT_VERSION, "ONNX export", ExportError, recover=True, verify=verify,
+        missing=f"{folder} is not an ONNX export (no {EXPORT_JSON}); create one with "
+                f"`mmretrieve export --model MODEL --out {folder}`",
+        damaged=lambda problem: ExportError(f"{folder}: {problem}; export the model again with "
+                                            f"`mmretrieve export --model MODEL --out {folder}`"))
     return ExportInfo(folder, manifest)

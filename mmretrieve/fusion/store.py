@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BundleError
-from ..formats import check_format, damaged_file, sha256_file
+from ..formats import read_folder_manifest, read_json_object, sha256_file
 from .strategies import LearnedFusion
 
 FORMAT = "mmretrieve-fusion"
@@ -85,22 +85,15 @@ def save_fusion(strategy: LearnedFusion, folder: str | Path, base_fingerprint: s
 
 def read_fusion_info(folder: str | Path) -> dict[str, Any]:
     """fusion.json of a verified fusion bundle."""
-    from ..atomic import recover_directory
-
     folder = Path(folder)
-    recover_directory(folder)
-    if not (folder / MANIFEST).is_file():
-        raise BundleError(f"{folder} is not a fusion bundle (no {MANIFEST}); train one first")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        description = json.loads((folder / FUSION_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{folder}: unreadable fusion bundle metadata ({exc})") from None
-    check_format(manifest, folder, FORMAT, FORMAT_VERSION, "fusion bundle", BundleError)
-    damaged = damaged_file(folder, manifest["files"])
-    if damaged:
-        raise BundleError(f"{folder}: {damaged} is missing or does not match its recorded hash")
-    return description
+
+    def damaged(problem: str) -> BundleError:
+        return BundleError(f"{folder}: {problem}; train the head again with `mmretrieve train-fusion`")
+
+    read_folder_manifest(folder, MANIFEST, FORMAT, FORMAT_VERSION, "fusion bundle", BundleError, recover=True,
+                         verify=True, damaged=damaged,
+                         missing=f"{folder} is not a fusion bundle (no {MANIFEST}); train one first")
+    return read_json_object(folder / FUSION_JSON, damaged)
 
 
 def check_base_model(folder: Path, description: dict[str, Any], base_fingerprint: str | None) -> None:

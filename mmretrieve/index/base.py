@@ -23,7 +23,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text_atomic
 from ..errors import ConfigError, InputError
-from ..formats import check_format, sha256_file
+from ..formats import read_folder_manifest, sha256_file
 from .damage import vectors_damaged as _damaged
 from .idmap import SortedIds
 
@@ -37,16 +37,8 @@ NORM_TOLERANCE = 1e-2
 
 def read_meta(folder: Path) -> dict[str, Any]:
     """The parsed ``index.json`` of an index folder, or an InputError that says what is wrong."""
-    path = Path(folder) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _damaged(folder, f"{META_FILE} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _damaged(folder, f"{META_FILE} cannot be read as JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise _damaged(folder, f"{META_FILE} is not an mmretrieve vector index description")
-    check_format(meta, Path(folder), FORMAT_NAME, FORMAT_VERSION, "vector index", InputError)
+    meta = read_folder_manifest(folder, META_FILE, FORMAT_NAME, FORMAT_VERSION, "vector index", InputError,
+                                damaged=lambda problem: _damaged(folder, problem))
     for key, kind in (("kind", str), ("dim", int), ("options", dict), ("count", int)):
         if not isinstance(meta.get(key), kind):
             raise _damaged(folder, f"{META_FILE}: {key!r} is missing or not a {kind.__name__}")

@@ -37,7 +37,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text_atomic
 from ..errors import InputError
-from ..formats import check_format
+from ..formats import read_folder_manifest
 from .damage import GuardedConnection, index_damaged
 
 FORMAT = "mmretrieve-index"
@@ -429,16 +429,10 @@ def _ours(data: Path) -> bool:
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise InputError(f"{folder} holds no index (no {MANIFEST}); build one with `mmretrieve index PATH`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise index_damaged(folder, f"{MANIFEST} is not valid JSON ({exc})", {}) from None
-    if not isinstance(manifest, dict):
-        raise index_damaged(folder, f"{MANIFEST} holds no JSON object", {})
-    check_format(manifest, folder, FORMAT, FORMAT_VERSION, "index", InputError)
+    manifest = read_folder_manifest(
+        folder, MANIFEST, FORMAT, FORMAT_VERSION, "index", InputError,
+        missing=f"{folder} holds no index (no {MANIFEST}); build one with `mmretrieve index PATH`",
+        damaged=lambda problem: index_damaged(folder, problem, {}))
     missing = [key for key, kind in (("modality", str), ("model", dict), ("embed_dim", int))
                if not isinstance(manifest.get(key), kind)]
     if missing or manifest["modality"] not in MODALITIES:
