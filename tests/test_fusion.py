@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,7 +175,7 @@ def test_fusion_bundle_round_trips_and_refuses_another_model(tmp_path, trained_g
 
 @pytest.mark.onnx
 def test_the_onnx_head_of_a_bundle_fuses_like_pytorch(tmp_path, trained_gated):
-    from mmretrieve.fusion.onnx import OnnxFusion
+    from mmretrieve.runtime.onnx_fusion import OnnxFusion
     from mmretrieve.fusion.store import save_fusion
 
     folder = save_fusion(trained_gated, tmp_path / "gated", base_fingerprint="abc123")
@@ -187,6 +188,35 @@ def test_the_onnx_head_of_a_bundle_fuses_like_pytorch(tmp_path, trained_gated):
         OnnxFusion(folder, base_fingerprint="other")
     with pytest.raises(InputError, match="16-d"):
         head.fuse(*random_pair(n=2, d=8))
+
+
+def test_a_trained_head_is_loaded_by_the_embedders_runtime(tmp_path, trained_gated):
+    """resolve_fusion asks the embedder for the head (no branching on its runtime's name); an
+    embedder that cannot say gets the PyTorch head."""
+    from types import SimpleNamespace
+
+    from mmretrieve.fusion.resolve import resolve_fusion
+    from mmretrieve.fusion.store import save_fusion
+    from mmretrieve.fusion.strategies import LearnedFusion
+
+    folder = save_fusion(trained_gated, tmp_path / "gated", base_fingerprint="abc123")
+    asked = []
+
+    def load_fusion_head(where):
+        asked.append(Path(where))
+        head = create_fusion("gated", dim=16)
+        head.digest = "from-the-runtime"
+        return head
+
+    onnx_named = SimpleNamespace(runtime="onnx", ref="m", path=str(tmp_path), fingerprint="abc123", embed_dim=16,
+                                 load_fusion_head=load_fusion_head)
+    strategy = resolve_fusion(onnx_named, "gated", fusion_bundle=folder)
+    assert asked == [folder] and strategy.digest == "from-the-runtime"
+    plain = SimpleNamespace(runtime="third-party", ref="m", path=str(tmp_path), fingerprint="abc123", embed_dim=16)
+    strategy = resolve_fusion(plain, "gated", fusion_bundle=folder)
+    assert isinstance(strategy, LearnedFusion) and strategy.digest == trained_gated_digest(trained_gated)
+    with pytest.raises(BundleError, match="trained on the embeddings of model abc123"):
+        resolve_fusion(SimpleNamespace(**{**vars(plain), "fingerprint": "other"}), "gated", fusion_bundle=folder)
 
 
 def trained_gated_digest(strategy) -> str:

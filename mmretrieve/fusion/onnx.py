@@ -1,5 +1,5 @@
-"""A trained fusion head as an ONNX graph, checked against PyTorch before it is kept, and run
-without PyTorch (``OnnxFusion``).
+"""A trained fusion head as an ONNX graph, checked against PyTorch before it is kept (the onnx
+runtime runs it: ``mmretrieve.runtime.onnx_fusion``).
 
 Inputs ``text`` and ``image`` (n, d) float32, output ``fused`` (n, d), normalised; n is dynamic.
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError, InputError, ParityError
+from ..errors import ParityError
 from ..metrics import PARITY_MIN_COSINE  # per fused embedding, fp32: the same bar as the towers' export
-from .strategies import FusionStrategy, LearnedFusion, check_pair
+from .strategies import LearnedFusion
 
 PROBE_BATCHES = (1, 7, 64)
 
@@ -64,35 +64,3 @@ def export_fusion_onnx(strategy: LearnedFusion, path: str | Path, opset: int = 1
     finally:
         staging.unlink(missing_ok=True)
     return report
-
-
-class OnnxFusion(FusionStrategy):
-    """A fusion bundle's ``fusion.onnx`` behind the strategy interface: fusing without torch."""
-
-    trainable = True
-
-    def __init__(self, folder: str | Path, base_fingerprint: str | None = None, create_session=None):
-        from .store import ONNX_GRAPH, check_base_model, read_fusion_info
-
-        folder = Path(folder)
-        description = read_fusion_info(folder)
-        check_base_model(folder, description, base_fingerprint)
-        if not (folder / ONNX_GRAPH).is_file():
-            raise BundleError(f"{folder} has no {ONNX_GRAPH}; re-save it with `mmretrieve train-fusion`")
-        self.name = description["strategy"]
-        self.dim = int(description["dim"])
-        self.digest = description.get("head_digest")
-        self.base_fingerprint = description["base_model_fingerprint"]
-        if create_session is None:  # the embedder's providers where one is given, else plain CPU
-            from ..runtime.onnx_runtime import import_onnxruntime
-
-            ort = import_onnxruntime()
-            create_session = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # noqa: E731
-        self.session = create_session(folder / ONNX_GRAPH)
-
-    def fuse(self, text: np.ndarray, image: np.ndarray) -> np.ndarray:
-        text, image = check_pair(text, image)
-        if text.shape[1] != self.dim:
-            raise InputError(f"{self.name} head fuses {self.dim}-d embeddings, got {text.shape[1]}-d")
-        (fused,) = self.session.run(["fused"], {"text": text, "image": image})
-        return fused.astype(np.float32, copy=False)

@@ -2,8 +2,9 @@
 
 Untrained strategies are built from their weights. A trained one needs its head: the fusion
 bundle given, or the one stored in the model itself (``MODEL/fusion/<strategy>/``, written by
-`mmretrieve train-fusion` and carried into exports). Under the onnx runtime the head runs in
-onnxruntime, so indexing and search stay free of torch.
+`mmretrieve train-fusion` and carried into exports). The embedder's runtime loads the head
+(``embedder.load_fusion_head(folder)``): the onnx runtime runs it in onnxruntime, so indexing and
+search stay free of torch.
 """
 
 from __future__ import annotations
@@ -43,11 +44,10 @@ def resolve_fusion(embedder, name: str, weights: str | Sequence[float] | None = 
         raise ConfigError(f"{spec.name} learns how to weigh text and image, so it takes no weights; "
                           f"weights apply to late and mean")
     folder = Path(fusion_bundle) if fusion_bundle is not None else _attached(embedder, spec.name)
-    if getattr(embedder, "runtime", "torch") == "onnx":
-        from .onnx import OnnxFusion
-
-        strategy = OnnxFusion(folder, embedder.fingerprint, getattr(embedder, "create_session", None))
-    else:
+    load_head = getattr(embedder, "load_fusion_head", None)
+    if load_head is not None:  # each runtime runs heads its own way (onnx: in onnxruntime, without torch)
+        strategy = load_head(folder)
+    else:  # a runtime that does not say: the head in PyTorch
         from .store import load_fusion
 
         strategy = load_fusion(folder, base_fingerprint=embedder.fingerprint)

@@ -164,6 +164,13 @@ class OnnxEmbedder:
             self._providers = [("CPUExecutionProvider", {})]
         return session
 
+    def load_fusion_head(self, folder: str | Path):
+        """The trained fusion head in ``folder`` (a fusion bundle) as a strategy run by onnxruntime on
+        this embedder's providers; a head trained on another model is refused."""
+        from .onnx_fusion import OnnxFusion
+
+        return OnnxFusion(folder, self.fingerprint, self.create_session)
+
     def _run(self, tower: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         graph = self.info.graph(tower)
         output = self.session(tower).run([graph["output"]], {name: feeds[name] for name in graph["inputs"]})[0]

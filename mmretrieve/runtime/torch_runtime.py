@@ -25,6 +25,13 @@ class TorchEmbedder:
         self.text_preprocessor = self.model.text_encoder.preprocessor
         self.path = str(resolve_model(model_ref))
 
+    def load_fusion_head(self, folder):
+        """The trained fusion head in ``folder`` (a fusion bundle) in PyTorch; a head trained on another
+        model is refused."""
+        from ..fusion.store import load_fusion
+
+        return load_fusion(folder, base_fingerprint=self.fingerprint)
+
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(pixels).to(self.device)
