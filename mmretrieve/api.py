@@ -101,7 +101,7 @@ def open_index(index_dir: str | Path | None = None, model: str | None = None, ru
 
 def _index(root, folder: Path, embedder, include, exclude, captions, options: dict[str, Any]) -> IndexReport:
     """index_images with the captions file and fusion settings resolved as the CLI does."""
-    from .fusion.items import item_fusion_settings
+    from .index.fused import item_fusion_settings
 
     fusion, weights, fusion_bundle = (options.pop(key, None) for key in ("fusion", "weights", "fusion_bundle"))
     captions_map, strategy, source = item_fusion_settings(folder, embedder, _maybe_path(captions), fusion, weights,

@@ -528,7 +528,7 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 
         report = index_texts(texts_file, folder, embedder, index_type=index_type, rebuild=rebuild)
     else:
-        from .fusion.items import item_fusion_settings
+        from .index.fused import item_fusion_settings
         from .index.builder import index_images
 
         captions, strategy, source = item_fusion_settings(folder, embedder, captions_file, fusion, weights,

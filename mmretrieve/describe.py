@@ -120,7 +120,7 @@ def describe_index(ref: str | Path, verify: bool = False) -> tuple[dict[str, Any
     rebuild command; with ``verify`` every part is checked instead (``payload["verify"]``,
     a ``mmretrieve.index.verify`` report) and the description falls back on the manifest."""
     from .errors import IndexDamagedError
-    from .fusion.items import fusion_label
+    from .index.fused import fusion_label
     from .index.store import IndexStore, read_manifest
     from .index.verify import published_vectors
 

@@ -161,7 +161,6 @@ LEFT = {
     "mmretrieve.evaluate -> mmretrieve.index.decode",
     "mmretrieve.export.exporter -> mmretrieve.runtime.onnx_runtime",
     "mmretrieve.export.recall -> mmretrieve.runtime.onnx_runtime",
-    "mmretrieve.fusion.items -> mmretrieve.index.store",
     "mmretrieve.fusion.query -> mmretrieve.index.search",
     "mmretrieve.index.search -> mmretrieve.runtime",
 }

@@ -10,7 +10,7 @@ search stay free of torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..errors import ConfigError
 from .strategies import FusionStrategy
@@ -65,11 +65,3 @@ def _attached(embedder, strategy: str) -> Path:
         raise ConfigError(f"{strategy} is a trained strategy and model {embedder.ref} has no {strategy} head; train "
                           f"one with `mmretrieve train-fusion --model MODEL --data CAPTIONS`, or pass --fusion-bundle")
     return heads[strategy]
-
-
-def describe_fusion(strategy: FusionStrategy) -> dict[str, Any]:
-    """What an index records to know which fusion built its vectors."""
-    weights = getattr(strategy, "weights", None)
-    return {"strategy": strategy.name,
-            "weights": None if weights is None else [round(float(w), 6) for w in weights],
-            "head_digest": getattr(strategy, "digest", None)}

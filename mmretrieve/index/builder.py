@@ -60,7 +60,7 @@ def _check_model(store: IndexStore, embedder, rebuild: bool) -> None:
 
 
 def _check_fusion(store: IndexStore, fusion: dict | None, rebuild: bool) -> None:
-    from ..fusion.items import fusion_label
+    from .fused import fusion_label
 
     built_with = store.manifest.get("fusion") or None
     if built_with != fusion and not rebuild:
@@ -80,8 +80,7 @@ def open_or_create(index_dir: Path, embedder, modality: str, index_type: str | N
     ``building`` (the folder or file indexed, and filters) lets a killed build be resumed.
     """
     from ..bundle import absolute_ref
-    from ..fusion.items import extra_dims
-    from ..fusion.resolve import describe_fusion
+    from .fused import describe_fusion, extra_dims
 
     described = describe_fusion(fusion) if fusion is not None else None
     current, generation = None, 0
@@ -480,7 +479,7 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
         if batch:
             vectors = embedder.embed_pixels(np.stack([pixels for _, pixels in batch]))
             if fusion is not None:
-                from ..fusion.items import fuse_with_captions
+                from .fused import fuse_with_captions
 
                 vectors, uncaptioned = fuse_with_captions(fusion, embedder, vectors, [item.captions for item, _ in batch])
                 report.uncaptioned += uncaptioned
