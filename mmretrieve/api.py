@@ -63,10 +63,8 @@ class Index:
                      weights: str | Sequence[float] | None = None, fusion_bundle: str | Path | None = None,
                      min_score: float | None = None) -> list[Hit]:
         """An example image refined by words ("like this, but at night") as one fused query."""
-        from .fusion.query import search_fused
-
-        return search_fused(self.reader, _maybe_path(image), text, k, fusion, weights, _maybe_path(fusion_bundle),
-                            min_score)
+        return self.reader.search_fused(_maybe_path(image), text, k, fusion, weights, _maybe_path(fusion_bundle),
+                                        min_score)
 
     def update(self, root: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
                captions: str | Path | None = None, follow_links: bool = False, prune: bool = False,

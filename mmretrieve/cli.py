@@ -598,9 +598,7 @@ def search(queries, images, k, min_score, index_dir, search_texts, model_ref, ru
     folder = Path(index_dir) if index_dir else default_index_dir("text" if search_texts else "image")
     reader = IndexReader(folder, model=model_ref, runtime=runtime, device=device)
     if multimodal:
-        from .fusion.query import search_fused
-
-        results = [search_fused(reader, images[0], query_text, k, fusion or "mean", weights, fusion_bundle, min_score)]
+        results = [reader.search_fused(images[0], query_text, k, fusion or "mean", weights, fusion_bundle, min_score)]
         labels = [f"{images[0]} + {query_text}"]
     else:
         results = reader.search_text(queries, k, min_score) if queries else reader.search_image(images, k, min_score)

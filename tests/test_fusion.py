@@ -330,8 +330,9 @@ class FakeReader:
 
 
 def test_a_multimodal_query_ranks_by_the_weighted_similarities():
-    from mmretrieve.fusion.query import search_fused
+    from mmretrieve.index.search import IndexReader
 
+    search_fused = IndexReader.search_fused  # the reader's method, on a reader of fixed items
     reader = FakeReader(unit(np.random.default_rng(3).normal(size=(30, 16))))
     text, image = reader.embedder.text_vector[0], reader.embedder.image_vector[0]
     hits = search_fused(reader, "q.jpg", "at night", k=5, fusion="late", weights=(0.3, 0.7))

@@ -2,7 +2,7 @@
 
 Against an index of single vectors, late fusion's weighted sum of similarities equals the
 similarity to the weighted sum of the query embeddings, so every strategy comes down to one
-query vector and the index searches it as usual.
+query vector, which the index reader searches as usual (``IndexReader.search_fused``).
 """
 
 from __future__ import annotations
@@ -27,15 +27,3 @@ def fused_query_vector(embedder, image: Any, text: str, fusion: str = "mean",
     text_vector = np.asarray(embedder.embed_texts([text]), dtype=np.float32)
     image_vector = np.asarray(embedder.embed_images([image]), dtype=np.float32)
     return fuse_items(strategy, text_vector, image_vector)
-
-
-def search_fused(reader, image: Any, text: str, k: int = 10, fusion: str = "mean",
-                 weights: str | Sequence[float] | None = None, fusion_bundle: str | Path | None = None,
-                 min_score: float | None = None):
-    """Hits for one multimodal query in an ``IndexReader`` (or an index folder)."""
-    if isinstance(reader, (str, Path)):
-        from ..index.search import IndexReader
-
-        reader = IndexReader(reader)
-    vector = fused_query_vector(reader.embedder, image, text, fusion, weights, fusion_bundle)
-    return reader.search_vectors(vector, k, min_score)[0]

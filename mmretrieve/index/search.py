@@ -159,6 +159,17 @@ class IndexReader:
     def search_image(self, images: Sequence, k: int = 10, min_score: float | None = None) -> list[list[Hit]]:
         return self.search_vectors(self.embedder.embed_images(list(images)), k, min_score)
 
+    def search_fused(self, image: Any, text: str, k: int = 10, fusion: str = "mean",
+                     weights: str | Sequence[float] | None = None, fusion_bundle: str | Path | None = None,
+                     min_score: float | None = None) -> list[Hit]:
+        """Hits for one multimodal query: an example image refined by words ("like this, but at
+        night"), both embedded by the index's model and fused by ``fusion`` into one query vector
+        (``mmretrieve.fusion.query``); late-fused indexes pad it like any query."""
+        from ..fusion.query import fused_query_vector
+
+        vector = fused_query_vector(self.embedder, image, text, fusion, weights, fusion_bundle)
+        return self.search_vectors(vector, k, min_score)[0]
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
