@@ -35,9 +35,9 @@ def _maybe_path(value: Any) -> Any:
 
 def _model(model: str | Path | None) -> str | None:
     """A model given as a path (``~`` expanded) absolute and resolved; a registered name as it is."""
-    from .bundle import absolute_ref
+    from .bundle import resolve_model_ref
 
-    return None if model is None else absolute_ref(model)
+    return None if model is None else resolve_model_ref(model)
 
 
 def default_index_dir(modality: str = "image") -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import __version__
 from .config import ModelConfig, from_dict, to_dict
-from .errors import BundleError, UnknownNameError
+from .errors import BundleError, InputError, UnknownNameError
 from .formats import read_folder_manifest, read_json_object, sha256_file
 
 FORMAT = "mmretrieve-bundle"
@@ -179,12 +179,73 @@ def _fingerprint(weights_sha256: str, towers: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join([weights_sha256, *references]).encode()).hexdigest()[:32]
 
 
+# -- which model a name or path means: the one place (cli, api, runtime, index search ask here) -------
+DEFAULT_MODEL = "default"  # the model used when none is named, if a plugin registers it
+
+
+def _registered_models():
+    from .plugins import get_host
+
+    return get_host().registry("model")
+
+
+def default_model() -> str | None:
+    """``default`` when a plugin registers it (mmretrieve-offline-towers does), else None."""
+    return DEFAULT_MODEL if DEFAULT_MODEL in _registered_models() else None
+
+
 def absolute_ref(ref: str | Path) -> str:
     """A model given as a path (``~`` expanded) as its absolute, resolved path, so that an index
     built with it, or a process started in another folder, still finds it; a name a plugin
     registered (``default``) stays a name. A path that exists wins over a name, as in resolve_model."""
     path = Path(ref).expanduser()
     return str(path.resolve()) if path.exists() else str(ref)
+
+
+def resolve_model_ref(ref: str | Path | None = None, built_with: dict[str, Any] | None = None,
+                      index_dir: str | Path | None = None) -> str:
+    """The model reference a runtime is given: a registered name (``default``), or an absolute
+    folder (a bundle or an ONNX export).
+
+    ``ref`` named by the user wins (see :func:`absolute_ref`). Else ``built_with``, the ``model``
+    record of an index's manifest, says where the model that built the index is now: its
+    registered name, the folder recorded when it was built, or that folder relative to
+    ``index_dir`` (an index and its model moved together); none of those is an InputError that
+    asks for --model. Neither given: the default model, if a plugin registers one."""
+    if ref is not None:
+        return absolute_ref(ref)
+    if built_with is not None:
+        return _model_location(built_with, index_dir)
+    default = default_model()
+    if default is None:
+        raise InputError(f"no model was named and no plugin provides a `{DEFAULT_MODEL}` model: give --model MODEL "
+                         f"(or pip install mmretrieve-offline-towers)")
+    return default
+
+
+def _model_location(built_with: dict[str, Any], index_dir: str | Path | None = None) -> str:
+    ref = str(built_with.get("ref", ""))
+    recorded = str(built_with.get("path") or ref)
+    if ref and not Path(ref).is_absolute() and ref in _registered_models():
+        return ref
+    tried = []
+    for candidate in dict.fromkeys(p for p in (ref, recorded) if p and Path(p).is_absolute()):
+        tried.append(candidate)
+        if Path(candidate).is_dir():
+            return candidate
+    relative = built_with.get("relative_path")
+    if relative and index_dir is not None:
+        moved = (Path(index_dir).absolute() / relative).resolve()
+        tried.append(str(moved))
+        if moved.is_dir():
+            return str(moved)
+    for candidate in (ref, recorded):  # an index from before paths were stored resolved
+        if candidate and not Path(candidate).is_absolute() and Path(candidate).is_dir():
+            return candidate
+    if not tried:
+        return recorded  # not a folder (a runtime's own kind of reference): its runtime decides
+    raise InputError(f"the model that built {index_dir or 'this index'} ({ref or recorded}) is not a registered "
+                     f"model and has no folder at {' or '.join(tried)}; give --model PATH to say where it is now")
 
 
 def resolve_model(ref: str | Path) -> Path:
@@ -195,9 +256,7 @@ def resolve_model(ref: str | Path) -> Path:
     recover_directory(path)  # a save killed between its renames leaves the folder aside
     if path.is_dir():
         return path.resolve()
-    from .plugins import get_host
-
-    registry = get_host().registry("model")
+    registry = _registered_models()
     if str(ref) in registry:
         return Path(registry.get(str(ref)).build())
     if path.exists():

@@ -230,11 +230,11 @@ def train(data, val_data, init_model, text_encoder, image_encoder, text_mode, im
 def _starts_from_default(config_file, sets: tuple[str, ...]) -> bool:
     """No starting model and no tower chosen anywhere (flags, --config, --set), and a plugin registers
     `default`: then train starts from it, since the fresh towers' defaults (bert, timm) need a model hub."""
+    from .bundle import default_model
     from .config import apply_overrides, read_config_file
-    from .plugins import get_host
 
     chosen = apply_overrides(read_config_file(config_file) if config_file else {}, sets)
-    return "init" not in chosen and "model" not in chosen and "default" in get_host().registry("model")
+    return "init" not in chosen and "model" not in chosen and default_model() is not None
 
 
 def _interrupted_note(interrupted, checkpoint: Path, ctx: click.Context) -> str:
@@ -439,25 +439,26 @@ def _parse_size(text: str | None) -> int | None:
 
 def default_model_name(folder: Path) -> str:
     """`default` when a plugin registers it (mmretrieve-offline-towers does), else ask for --model."""
-    from .plugins import get_host
+    from .bundle import DEFAULT_MODEL, default_model
 
-    if "default" in get_host().registry("model"):
-        return "default"
-    raise click.UsageError(f"{folder} does not exist yet and no plugin provides a `default` model: give --model MODEL "
-                           f"(or pip install mmretrieve-offline-towers)")
+    name = default_model()
+    if name is not None:
+        return name
+    raise click.UsageError(f"{folder} does not exist yet and no plugin provides a `{DEFAULT_MODEL}` model: give "
+                           f"--model MODEL (or pip install mmretrieve-offline-towers)")
 
 
 def _index_model(folder: Path, rebuild: bool) -> str:
     """The model `index` uses without --model: the index's own; for a new index, or a --rebuild of
     one whose manifest is too damaged to name it, the default model."""
+    from .bundle import resolve_model_ref
     from .errors import IndexDamagedError
-    from .index.search import _model_location
     from .index.store import MANIFEST, read_manifest
 
     if not (folder / MANIFEST).is_file():
         return default_model_name(folder)
     try:
-        return _model_location(read_manifest(folder)["model"], folder)
+        return resolve_model_ref(built_with=read_manifest(folder)["model"], index_dir=folder)
     except IndexDamagedError:
         if not rebuild:
             raise

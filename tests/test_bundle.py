@@ -160,3 +160,55 @@ def test_reference_and_embedded_bundles_have_different_fingerprints(own_bert, tm
     referenced = save_bundle(model, tmp_path / "referenced", reference_towers=("text",))
     assert embedded.fingerprint != referenced.fingerprint
     assert save_bundle(model, tmp_path / "again", reference_towers=("text",)).fingerprint == referenced.fingerprint
+
+
+# -- which model a name or a path means: bundle.resolve_model_ref, the one place that decides ------
+def test_a_model_ref_is_resolved_in_one_place(tmp_path, monkeypatch):
+    import plugin_fixtures
+    from mmretrieve.bundle import resolve_model_ref
+    from mmretrieve.plugins import get_host
+
+    get_host().register(plugin_fixtures.EveryHook(), "every-hook")  # registers the model `fake-model`
+    model = tmp_path / "runs" / "best"
+    model.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_ref("runs/best") == str(model.resolve())  # a path: absolute
+    assert resolve_model_ref("fake-model") == "fake-model"  # a registered name stays a name
+    # An index's record: the registered name, else the recorded folder, else the one beside the index.
+    assert resolve_model_ref(built_with={"ref": "fake-model", "path": "/elsewhere"}) == "fake-model"
+    assert resolve_model_ref(built_with={"ref": str(model), "path": str(model)}) == str(model)
+    moved = {"ref": "/gone/runs/best", "path": "/gone/runs/best", "relative_path": "../runs/best"}
+    assert resolve_model_ref(built_with=moved, index_dir=tmp_path / "idx") == str(model.resolve())
+    # A model the user names wins over the index's record.
+    assert resolve_model_ref("fake-model", built_with=moved, index_dir=tmp_path / "idx") == "fake-model"
+
+
+def test_no_model_named_and_no_default_is_one_sentence(monkeypatch):
+    from mmretrieve import plugins
+    from mmretrieve.bundle import default_model, resolve_model_ref
+    from mmretrieve.errors import InputError
+
+    monkeypatch.setenv(plugins.ENV_BLOCK, "offline-towers")
+    plugins.reset_host()
+    assert default_model() is None
+    with pytest.raises(InputError, match=r"^no model was named and no plugin provides a `default` model: give "
+                                         r"--model MODEL \(or pip install mmretrieve-offline-towers\)$"):
+        resolve_model_ref()
+
+
+def test_the_cli_and_api_resolve_models_through_the_bundle_module_only():
+    """cli.py imports no private helper of another module (it used index.search._model_location),
+    and no module but bundle.py asks the model registry which names exist."""
+    import ast
+    import pathlib
+
+    import mmretrieve
+
+    root = pathlib.Path(mmretrieve.__file__).parent
+    tree = ast.parse((root / "cli.py").read_text())
+    private = [f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert private == []
+    asking = sorted(str(path.relative_to(root)) for path in root.rglob("*.py")
+                    if 'registry("model")' in path.read_text())
+    assert asking == ["bundle.py"]

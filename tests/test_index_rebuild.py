@@ -13,10 +13,10 @@ import shutil
 import pytest
 
 from conftest import BAD_IMAGES, GOOD_IMAGES, random_image
-from mmretrieve.bundle import save_bundle
+from mmretrieve.bundle import resolve_model_ref, save_bundle
 from mmretrieve.errors import InputError
 from mmretrieve.index.builder import index_images, index_texts, remove_files
-from mmretrieve.index.search import IndexReader, _model_location
+from mmretrieve.index.search import IndexReader
 from mmretrieve.index.store import IndexStore, read_manifest
 from mmretrieve.runtime.torch_runtime import TorchEmbedder
 
@@ -279,12 +279,13 @@ def test_an_index_finds_its_model_moved_together_with_it(messy_image_folder, tmp
     monkeypatch.chdir(tmp_path)
     project.rename(tmp_path / "moved")
     moved = tmp_path / "moved" / "idx"
-    assert _model_location(recorded, moved) == str((tmp_path / "moved" / "runs" / "best").resolve())
+    moved_model = str((tmp_path / "moved" / "runs" / "best").resolve())
+    assert resolve_model_ref(built_with=recorded, index_dir=moved) == moved_model
     reader = IndexReader(moved)  # loads the model from where it is now
     assert len(reader.search_text(["a photo"], k=2)[0]) == 2
     shutil.rmtree(tmp_path / "moved" / "runs")
     with pytest.raises(InputError, match=r"has no folder at .*project/runs/best or .*moved/runs/best; give --model"):
-        _model_location(recorded, moved)
+        resolve_model_ref(built_with=recorded, index_dir=moved)
 
 
 def test_a_caption_index_rebuilds_beside_the_old_one(tmp_path, embedder):

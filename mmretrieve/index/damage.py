@@ -15,11 +15,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..bundle import DEFAULT_MODEL  # what `index` uses when neither --model nor a readable manifest names one
 from ..errors import IndexDamagedError
 
 # SQLite's primary result codes for a file that is not (or no longer) a valid database.
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-DEFAULT_MODEL = "default"  # the model `index` uses when neither --model nor a readable manifest names one
 
 
 def rebuild_command(folder: str | Path, manifest: dict[str, Any] | None = None) -> str:

@@ -112,11 +112,11 @@ class IndexReader:
     @property
     def embedder(self):
         if self._embedder is None:
+            from ..bundle import resolve_model_ref
             from ..runtime import load_embedder
 
-            built_with = self.manifest["model"]
-            embedder = load_embedder(self._model or _model_location(built_with, self.folder), self._runtime,
-                                     self._device)
+            model = resolve_model_ref(self._model, built_with=self.manifest["model"], index_dir=self.folder)
+            embedder = load_embedder(model, self._runtime, self._device)
             self._check_fingerprint(embedder)
             self._embedder = embedder
         return self._embedder
@@ -174,32 +174,3 @@ class IndexReader:
         if self.store is not None:
             self.store.close()
 
-
-def _model_location(built_with: dict[str, Any], index_dir: str | Path | None = None) -> str:
-    """Where the model that built an index is now: its registered name (e.g. `default`), the
-    folder recorded when it was built, or that folder relative to the index folder (an index and
-    its model moved together)."""
-    from ..plugins import get_host
-
-    ref = str(built_with.get("ref", ""))
-    recorded = str(built_with.get("path") or ref)
-    if ref and not Path(ref).is_absolute() and ref in get_host().registry("model"):
-        return ref
-    tried = []
-    for candidate in dict.fromkeys(p for p in (ref, recorded) if p and Path(p).is_absolute()):
-        tried.append(candidate)
-        if Path(candidate).is_dir():
-            return candidate
-    relative = built_with.get("relative_path")
-    if relative and index_dir is not None:
-        moved = (Path(index_dir).absolute() / relative).resolve()
-        tried.append(str(moved))
-        if moved.is_dir():
-            return str(moved)
-    for candidate in (ref, recorded):  # an index from before paths were stored resolved
-        if candidate and not Path(candidate).is_absolute() and Path(candidate).is_dir():
-            return candidate
-    if not tried:
-        return recorded  # not a folder (a runtime's own kind of reference): its runtime decides
-    raise InputError(f"the model that built {index_dir or 'this index'} ({ref or recorded}) is not a registered "
-                     f"model and has no folder at {' or '.join(tried)}; give --model PATH to say where it is now")

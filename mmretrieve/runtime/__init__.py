@@ -45,10 +45,10 @@ def choose_runtime(model_ref: str, runtime: str = "auto") -> str:
 def load_embedder(model_ref: str, runtime: str = "auto", device: str | None = None) -> Any:
     """The runtime's embedder for ``model_ref``; a path reaches the factory absolute (``~`` expanded),
     so the ``ref`` an index records is found again from any working folder."""
-    from ..bundle import absolute_ref
+    from ..bundle import resolve_model_ref
     from ..plugins import get_host
 
-    model_ref = absolute_ref(model_ref)
+    model_ref = resolve_model_ref(model_ref)
     registry = get_host().registry("runtime")
     return registry.get(choose_runtime(model_ref, runtime)).build(model_ref=model_ref, device=device)
 
