@@ -83,7 +83,8 @@ class Item:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def _row_to_item(row: tuple) -> Item:
+def row_to_item(row: tuple) -> Item:
+    """An Item from a row of ``COLUMNS``."""
     values = dict(zip(COLUMNS, row))
     values["captions"] = json.loads(values["captions"]) if values["captions"] else None
     return Item(**values)
@@ -283,7 +284,7 @@ class IndexStore:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE id IN ({marks})", ids)
-        return {row[0]: _row_to_item(row) for row in rows}
+        return {row[0]: row_to_item(row) for row in rows}
 
     def item_ids_for_paths(self, paths: Iterable[str]) -> list[int]:
         paths = list(paths)

@@ -20,53 +20,43 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
 from ..images import is_image_path
-from ..index.damage import GuardedConnection
+from ..index.catalogue import Catalogue, indexed_roots
+from ..index.store import Item
 from .problems import RequestProblem
 
 NO_SUCH_ITEM = "no such item in the index"
 _OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
-    id: int
-    path: str
-    sha256: str | None
-
-
 class Catalog:
-    """Item lookups by id or path on a connection of its own, usable from any thread."""
+    """The service's view of the image index's items (``index.catalogue``), with the folders files
+    may come from; usable from any thread, following the engine to a new database."""
 
     def __init__(self, index_dir: Path, database: Path, roots: Iterable[Path] = (), manifest: dict | None = None):
         self._index_dir = Path(index_dir)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held to use the catalogue, so `follow` never closes one in use
         self._fixed_roots = tuple(os.path.realpath(root) for root in roots)
         self._indexed_roots: tuple[str, ...] = ()
         self._database: tuple | None = None  # (path, device, inode) of the open database
-        self._db: GuardedConnection | None = None
+        self._items: Catalogue | None = None
         self.follow(database, manifest or {})
 
-    def entry(self, item_id: str) -> CatalogEntry:
+    def entry(self, item_id: str) -> Item:
         if not item_id.isascii() or not item_id.isdigit() or len(item_id) > 18:
             raise RequestProblem(404, NO_SUCH_ITEM)  # anything but an id (a path, `..`) names nothing
         with self._lock:
-            row = self._db.execute("SELECT id, path, sha256 FROM items WHERE id = ?", (int(item_id),)).fetchone()
-        if row is None:
+            item = self._items.lookup(int(item_id))
+        if item is None:
             raise RequestProblem(404, NO_SUCH_ITEM)
-        return CatalogEntry(*row)
+        return item
 
     def ids_for_paths(self, paths: list[str]) -> dict[str, int]:
-        if not paths:
-            return {}
-        marks = ",".join("?" * len(paths))
         with self._lock:
-            rows = self._db.execute(f"SELECT path, id FROM items WHERE path IN ({marks})", paths).fetchall()
-        return dict(rows)
+            return self._items.ids_for_paths(paths)
 
     def roots(self) -> tuple[str, ...]:
         """The folders files may come from: --root, else the indexed folders, else (an index
@@ -75,21 +65,16 @@ class Catalog:
             return self._fixed_roots
         if self._indexed_roots:
             return self._indexed_roots
-        # The common folder of all paths is that of the first and last in sorted order, and the
-        # UNIQUE index on path makes MIN and MAX two lookups, however large the index.
         with self._lock:
-            low, high = self._db.execute("SELECT MIN(path), MAX(path) FROM items").fetchone()
-        if low is None:
+            common = self._items.common_folder()
+        if common is None:
             return ()
-        common = os.path.dirname(low) if low == high else os.path.commonpath([low, high])
         return () if os.path.dirname(common) == common else (common,)  # never a whole filesystem
 
     def follow(self, database: Path, manifest: dict) -> None:
         """Keep up with the engine: the database it reads (`index --rebuild` may have put a new
         file there, or the index moved to another one) and the folders the manifest records."""
-        roots = manifest.get("roots") or ()
-        self._indexed_roots = tuple(dict.fromkeys(os.path.realpath(root) for root in roots
-                                                  if isinstance(root, str) and os.path.isabs(root)))
+        self._indexed_roots = indexed_roots(manifest)
         try:
             info = os.stat(database)
         except OSError:
@@ -99,14 +84,14 @@ class Catalog:
             return
         # Read-only: the service never writes to an index; `mmretrieve index` owns it. Guarded:
         # a damaged database is an IndexDamagedError (503), not a raw sqlite3 error (500).
-        fresh = GuardedConnection(self._index_dir, Path(database).resolve(), readonly=True, check_same_thread=False)
+        fresh = Catalogue(self._index_dir, database)
         with self._lock:
-            self._db, old, self._database = fresh, self._db, identity
+            self._items, old, self._database = fresh, self._items, identity
         if old is not None:
             old.close()
 
     def close(self) -> None:
-        self._db.close()
+        self._items.close()
 
 
 def _inside(path: str, root: str) -> bool:
