@@ -19,7 +19,7 @@ from .. import __version__
 from ..formats import sha256_file
 from ..errors import ExportError
 from .manifest import EXPORT_JSON, FORMAT, FORMAT_VERSION, PRECISIONS, TOWER_GRAPHS, is_export
-from .recall import GATED, MAX_RECALL_DROP, recall_report, require_recall
+from .recall import GATED, MAX_RECALL_DROP, onnx_embedder, recall_report, require_recall
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,6 @@ def _write_fp32(model, model_ref: str, folder: Path, opset: int) -> dict[str, An
     import onnxruntime
     import torch
 
-    from ..runtime.onnx_runtime import OnnxEmbedder
     from .graph import export_tower
     from .parity import measure, require_parity
 
@@ -128,7 +127,7 @@ def _write_fp32(model, model_ref: str, folder: Path, opset: int) -> dict[str, An
         "towers": {tower: {**graph, "dim": model.embed_dim} for tower, graph in TOWER_GRAPHS.items()},
     }
     _write_manifest(folder, manifest)
-    embedder = OnnxEmbedder(folder, device="cpu")
+    embedder = onnx_embedder(folder)
     manifest["parity"] = {}
     for tower in TOWER_GRAPHS:
         report = measure(model, embedder, tower)
@@ -142,7 +141,6 @@ def _write_reduced(model, fp32: Path, folder: Path, precision: str, manifest: di
     """The int8 or fp16 candidate, with its agreement with PyTorch measured (reported, not gated)."""
     import onnx
 
-    from ..runtime.onnx_runtime import OnnxEmbedder
     from .parity import measure
     from .precision import INT8_SETTINGS, reduce_precision
 
@@ -155,7 +153,7 @@ def _write_reduced(model, fp32: Path, folder: Path, precision: str, manifest: di
         manifest["int8_settings"] = INT8_SETTINGS
     _write_manifest(folder, manifest)
     # Runs the reduced graphs on real inputs; on CPU this is also the check that fp16 runs at all.
-    embedder = OnnxEmbedder(folder, device="cpu")
+    embedder = onnx_embedder(folder)
     manifest["agreement"] = {tower: measure(model, embedder, tower) for tower in TOWER_GRAPHS}
     return manifest
 

@@ -10,12 +10,19 @@ MAX_RECALL_DROP = 1.0  # points of Recall@5, in either direction, against the fp
 GATED = "R@5"
 
 
+def onnx_embedder(folder: Path):
+    """The export in ``folder`` as the registered onnx runtime runs it, on CPU. Found through the
+    runtime registry: export sits below the runtimes (STYLE.md) and never imports them."""
+    from ..plugins import get_host
+
+    return get_host().registry("runtime").get("onnx").build(model_ref=str(folder), device="cpu")
+
+
 def recall_report(folder: Path, items, progress: bool = False) -> dict[str, dict[str, float]]:
     """Recall@1/5/10 both ways (CLIP_benchmark protocol) of the export in ``folder``, on CPU."""
     from ..evaluate import evaluate_embedder
-    from ..runtime.onnx_runtime import OnnxEmbedder
 
-    return evaluate_embedder(OnnxEmbedder(folder, device="cpu"), items, progress=progress)
+    return evaluate_embedder(onnx_embedder(folder), items, progress=progress)
 
 
 def require_recall(fp32: dict, reduced: dict, precision: str, force: bool) -> None:

@@ -10,6 +10,10 @@ returns an embedder with this shape:
 
 ``model_ref`` is a model bundle (or registered model name) or an ONNX export folder
 (`mmretrieve export`); runtime "auto" picks onnx for an export when onnxruntime imports, else torch.
+
+This module is the runtimes' factory (``load_embedder``, through the runtime registry, like
+``create_encoder`` for encoders): the index reader calls it, so it imports nothing above the index
+and export layer, and never a runtime module; the runtimes themselves are its submodules.
 """
 
 from __future__ import annotations
