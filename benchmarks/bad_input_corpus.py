@@ -40,7 +40,7 @@ from bad_inputs import Case, expected_index, make_corpus  # noqa: E402
 
 PEAK_CODE = """
 import sys
-from mmretrieve.index.decode import decode_one
+from mmretrieve.decode import decode_one
 from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
 decoded = decode_one(sys.argv[1], ImagePreprocessor(ImagePreprocessConfig()))
 # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited at fork)

@@ -28,11 +28,12 @@ import json
 import logging
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .decode import ordered_map
 from .errors import InputError
 from .images import ImageInputError, file_problem, list_images, load_image
 from .progress import progress_bar
@@ -72,6 +73,11 @@ class CaptionSet:
     def summary(self) -> str:
         line = f"{len(self)} images, {self.num_captions} captions from {self.source}"
         return f"{line} ({describe_skips(self.skipped)})" if self.skipped else line
+
+
+def all_captions(items: list[CaptionedImage]) -> list[str]:
+    """Every caption of ``items``, flat, in file order (caption rows follow this order everywhere)."""
+    return [caption for item in items for caption in item.captions]
 
 
 def describe_skips(skipped: list[tuple[str, str]], shown: int = _SHOWN_SKIPS) -> str:
@@ -354,21 +360,18 @@ def _drop_unusable_images(out: _Collector, decode: bool, workers: int, progress:
     """The collected items whose image exists (and, with decode, opens fully), in order."""
     items = list(out.items.values())
     usable = []
-    with progress_bar(total=len(items), desc="checking images", unit="img", disable=not progress) as bar:
-        # Pillow releases the GIL while decoding, so threads give real parallelism; a stat needs none.
-        executor = ThreadPoolExecutor(max_workers=max(1, workers)) if decode else None
-        try:
-            paths = [item.image for item in items]
-            problems = executor.map(_image_problem, paths) if executor else map(_missing_problem, paths)
-            for item, problem in zip(items, problems):
-                bar.update()
-                if problem:
-                    out.skip(str(item.image), problem, named_at=out.first_seen[item.image])
-                else:
-                    usable.append(item)
-        finally:
-            if executor:  # strict: stop decoding after the first failure
-                executor.shutdown(wait=True, cancel_futures=True)
+    paths = [item.image for item in items]
+    # Pillow releases the GIL while decoding, so threads give real parallelism; a stat needs none.
+    problems = (ordered_map(_image_problem, paths, max(1, workers), read_ahead=max(64, 4 * workers), threads=True)
+                if decode else map(_missing_problem, paths))
+    with progress_bar(total=len(items), desc="checking images", unit="img", disable=not progress) as bar, \
+            closing(problems) if decode else nullcontext():  # strict: stop decoding after the first failure
+        for item, problem in zip(items, problems):
+            bar.update()
+            if problem:
+                out.skip(str(item.image), problem, named_at=out.first_seen[item.image])
+            else:
+                usable.append(item)
     return usable
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .atomic import write_npy_atomic, write_text_atomic
 from .errors import InputError
-from .images import is_image_path, list_images, load_image
+from .images import is_image_path, list_images
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +39,24 @@ def collect_inputs(texts, texts_file, image_args) -> dict[str, list]:
     return {"text": all_texts, "image": paths}
 
 
-def embed_images_tolerant(paths: list[Path], embed_fn, chunk_size: int) -> tuple[Any, list[Path], list[dict]]:
-    """Decode each image once, skipping (and logging) those that fail; embed in chunks."""
-    import numpy as np
-
+def embed_images_tolerant(paths: list[Path], preprocessor, embed_pixels, batch_size: int,
+                          dim: int) -> tuple[Any, list[Path], list[dict]]:
+    """Decode and embed each image once, skipping (and logging) those that cannot be used."""
+    from .embedding import embed_image_paths
     from .progress import progress_bar
 
-    matrices, good, skipped = [], [], []
+    readable = [path for path in paths if is_image_path(path)]
     with progress_bar(total=len(paths), unit="image", desc="embed") as bar:
-        for start in range(0, len(paths), chunk_size):
-            decoded = []
-            for path in paths[start:start + chunk_size]:
-                try:
-                    if not is_image_path(path):
-                        raise InputError(f"{path}: not an image file type")
-                    decoded.append(load_image(path))
-                    good.append(path)
-                except InputError as exc:
-                    reason = str(exc).split(": ", 1)[-1]
-                    log.warning("skipping %s: %s", path, reason)
-                    skipped.append({"path": str(path), "reason": reason})
-            if decoded:
-                matrices.append(embed_fn("image", decoded))
-            bar.update(len(paths[start:start + chunk_size]))
-    return (np.concatenate(matrices) if matrices else None), good, skipped
+        bar.update(len(paths) - len(readable))
+        matrix, embedded, failed = embed_image_paths(readable, preprocessor, embed_pixels, batch_size, dim, bar=bar)
+    reasons = {path: "not an image file type" for path in paths if not is_image_path(path)}
+    reasons.update((d.path, d.error) for d in failed)
+    skipped = []
+    for path in paths:
+        if path in reasons:
+            log.warning("skipping %s: %s", path, reasons[path])
+            skipped.append({"path": str(path), "reason": reasons[path]})
+    return (matrix if len(embedded) else None), [d.path for d in embedded], skipped
 
 
 def _output_paths(out: Path, modality: str, fmt: str, multi: bool) -> tuple[Path, Path]:
@@ -88,6 +82,7 @@ def run_embed(inputs: dict[str, list], out: Path, rows_format: str, encoder_name
               batch_size: int, normalize: bool, device: str | None, config_file: str | None,
               overrides: tuple[str, ...]) -> dict[str, Any]:
     from .config import apply_overrides, read_config_file
+    from .embedding import torch_rows
 
     if encoder_name:
         from .encoders import create_encoder
@@ -100,23 +95,29 @@ def run_embed(inputs: dict[str, list], out: Path, rows_format: str, encoder_name
         options = apply_overrides(read_config_file(config_file) if config_file else {}, overrides)
         encoder = create_encoder(encoder_name, **options)
 
-        def embed_fn(modality, items):
-            return encoder.embed(items, batch_size=batch_size, normalize=normalize, device=device,
-                                 progress=modality == "text")
+        def embed_texts(texts):
+            return encoder.embed(texts, batch_size=batch_size, normalize=normalize, device=device, progress=True)
+
+        image_tower, dim = encoder, encoder.dim
+        run = torch_rows(encoder.module, lambda inputs: encoder.features(inputs, normalize), device)
     else:
         from .bundle import load_bundle
 
         model = load_bundle(model_ref)
 
-        def embed_fn(modality, items):
-            return model.embed(modality, items, batch_size=batch_size, device=device, progress=modality == "text")
+        def embed_texts(texts):
+            return model.embed("text", texts, batch_size=batch_size, device=device, progress=True)
+
+        image_tower, dim = model.image_encoder, model.embed_dim
+        run = torch_rows(model, model.encode_image, device)
 
     multi = bool(inputs["text"]) and bool(inputs["image"])
     results, skipped = [], []
     if inputs["text"]:
-        results.append(("text", embed_fn("text", inputs["text"]), inputs["text"]))
+        results.append(("text", embed_texts(inputs["text"]), inputs["text"]))
     if inputs["image"]:
-        matrix, good, skipped = embed_images_tolerant(inputs["image"], embed_fn, batch_size * 4)
+        matrix, good, skipped = embed_images_tolerant(inputs["image"], image_tower.preprocessor,
+                                                      lambda pixels: run({"pixel_values": pixels}), batch_size, dim)
         if matrix is None:
             raise InputError(f"none of the {len(inputs['image'])} images could be read; nothing to embed")
         results.append(("image", matrix, good))

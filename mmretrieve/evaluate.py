@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import CaptionedImage
+from .data import CaptionedImage, all_captions
 from .metrics import retrieval_metrics
 
 if TYPE_CHECKING:  # torch is imported inside the functions that need it
@@ -42,7 +42,7 @@ def embed_captioned_set(model, items: list[CaptionedImage], batch_size: int, dev
     (of frozen towers) skip the towers."""
     import torch
 
-    from .train.pipeline import all_captions, tower_features
+    from .embedding import tower_features
 
     def through(modality, encoder, inputs, cached):
         head = model.image_head if modality == "image" else model.text_head
@@ -57,7 +57,7 @@ def embed_captioned_set(model, items: list[CaptionedImage], batch_size: int, dev
 
 def evaluate_model(model, items: list[CaptionedImage], batch_size: int = 64, device: torch.device | None = None,
                    workers: int = 0, progress: bool = True, **cached: Any) -> dict[str, dict[str, float]]:
-    from .encoders.base import auto_device
+    from .embedding import auto_device
 
     device = device or auto_device()
     model.to(device)
@@ -67,32 +67,18 @@ def evaluate_model(model, items: list[CaptionedImage], batch_size: int = 64, dev
 
 def embed_with_embedder(embedder, items: list[CaptionedImage], batch_size: int = 64, workers: int = 0,
                         progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Every image and every caption (flat, in file order) through a runtime's embedder."""
-    from .errors import InputError
-    from .index.decode import _init_worker, decode_one, ordered_map
+    """Every image and every caption (flat, in file order) through a runtime's embedder; an image
+    that cannot be used stops the run with an InputError naming it."""
+    from .embedding import embed_image_paths, embed_in_batches
     from .progress import progress_bar
 
     paths = [str(item.image) for item in items]
-    captions = [caption for item in items for caption in item.captions]
-    decoded = ordered_map(decode_one, paths, workers, initializer=_init_worker,
-                          initargs=(embedder.image_preprocessor,), read_ahead=max(2 * batch_size, 16))
-    images, texts, batch = [], [], []
+    captions = all_captions(items)
     with progress_bar(total=len(paths) + len(captions), unit="item", desc="eval", disable=not progress) as bar:
-        for image in decoded:
-            if image.error:
-                raise InputError(f"{image.path}: {image.error}")
-            batch.append(image.pixels)
-            if len(batch) == batch_size:
-                images.append(embedder.embed_pixels(np.stack(batch)))
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            images.append(embedder.embed_pixels(np.stack(batch)))
-            bar.update(len(batch))
-        for start in range(0, len(captions), batch_size):
-            texts.append(embedder.embed_texts(captions[start:start + batch_size]))
-            bar.update(len(texts[-1]))
-    return np.concatenate(images), np.concatenate(texts)
+        images, _, _ = embed_image_paths(paths, embedder.image_preprocessor, embedder.embed_pixels, batch_size,
+                                         embedder.embed_dim, workers, bar, strict=True)
+        texts = embed_in_batches(captions, embedder.embed_texts, batch_size, embedder.embed_dim, bar)
+    return images, texts
 
 
 def evaluate_embedder(embedder, items: list[CaptionedImage], batch_size: int = 64, workers: int = 0,

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .encoders.base import Encoder, embed_batched
+from .embedding import embed_batched
+from .encoders.base import Encoder
 from .errors import ConfigError
 
 HEADS = ("linear", "mlp")

@@ -18,7 +18,7 @@ from bad_inputs import Case, expected_index, make_corpus
 from mmretrieve.cli import cli
 from mmretrieve.errors import InputError
 from mmretrieve.images import ImageInputError, load_image
-from mmretrieve.index.decode import decode_one
+from mmretrieve.decode import decode_one
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +50,19 @@ def embedder(bundle):
 @pytest.fixture(scope="module")
 def indexed(corpus, embedder, tmp_path_factory):
     """The corpus indexed once, then again: (index folder, first report, second report, decodes in run 2)."""
+    import mmretrieve.decode as pool
     import mmretrieve.index.builder as builder
 
     root, _ = corpus
     index_dir = tmp_path_factory.mktemp("index") / "idx"
     first = builder.index_images(root, index_dir, embedder, workers=0, progress=False)
     decoded = []
-    original = builder.decode_one
-    builder.decode_one = lambda path, preprocessor=None: decoded.append(path) or original(path, preprocessor)
+    original = pool.decode_one
+    pool.decode_one = lambda path, preprocessor=None: decoded.append(path) or original(path, preprocessor)
     try:
         second = builder.index_images(root, index_dir, embedder, workers=0, progress=False)
     finally:
-        builder.decode_one = original
+        pool.decode_one = original
     return index_dir, first, second, decoded
 
 

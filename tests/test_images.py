@@ -302,14 +302,14 @@ def test_decoding_dev_zero_stays_within_a_small_memory_limit(tmp_path):
 
     os.symlink("/dev/zero", tmp_path / "zero.jpg")
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
-            "from mmretrieve.index.decode import decode_one; print(decode_one(sys.argv[1], object()).error)")
+            "from mmretrieve.decode import decode_one; print(decode_one(sys.argv[1], object()).error)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "zero.jpg")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "is a device, not an image file", done.stderr[-500:]
 
 
 def test_decode_one_turns_every_failure_into_a_reason(tmp_path):
-    from mmretrieve.index.decode import decode_one
+    from mmretrieve.decode import decode_one
 
     random_image(0).save(tmp_path / "ok.png")
 

@@ -11,30 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..progress import progress_bar
-
-
-def auto_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.inference_mode()
-def embed_batched(items: Sequence[Any], preprocess: Callable, forward: Callable, module: nn.Module, dim: int,
-                  unit: str, batch_size: int = 32, device: str | torch.device | None = None,
-                  progress: bool = False, desc: str = "embed") -> np.ndarray:
-    """Preprocess and run ``items`` batch by batch on ``device``; float32 rows out."""
-    device = torch.device(device) if device is not None else auto_device()
-    module.to(device).eval()
-    rows = []
-    with progress_bar(total=len(items), unit=unit, disable=not progress, desc=desc) as bar:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            inputs = {k: torch.from_numpy(v).to(device) for k, v in preprocess(chunk).items()}
-            rows.append(forward(inputs).float().cpu().numpy())
-            bar.update(len(chunk))
-    if not rows:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.concatenate(rows).astype(np.float32, copy=False)
+from ..embedding import auto_device, embed_batched  # noqa: F401 - auto_device is imported from here too
 
 
 class Encoder(abc.ABC):
@@ -65,12 +42,13 @@ class Encoder(abc.ABC):
     def embed(self, items: Sequence[Any], batch_size: int = 32, normalize: bool = True,
               device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
         """Embed texts (strings) or images (paths or PIL images) into float32 rows."""
-        def forward(inputs):
-            features = self.forward(inputs).float()
-            return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+        return embed_batched(items, self.preprocess, lambda inputs: self.features(inputs, normalize), self.module,
+                             self.dim, self.modality, batch_size, device, progress)
 
-        return embed_batched(items, self.preprocess, forward, self.module, self.dim, self.modality,
-                             batch_size, device, progress)
+    def features(self, inputs: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """``forward`` in float32, L2-normalised unless ``normalize`` is False."""
+        features = self.forward(inputs).float()
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 
     # Module-name suffixes LoRA adapts by default (attention projections).
     lora_targets: ClassVar[tuple[str, ...]] = ()

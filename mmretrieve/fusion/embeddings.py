@@ -28,14 +28,15 @@ def embed_captioned(model, items: list[CaptionedImage], cache_dir: str | Path | 
                     batch_size: int = 64, workers: int = 0, device: str | None = None) -> CaptionedEmbeddings:
     """Every image and caption of ``items`` in ``model``'s shared space.
 
-    Raw tower features go through ``cached_tower_features`` (keyed by the towers' weights,
+    Raw tower features go through ``mmretrieve.embedding.cached_tower_features`` (keyed by the towers' weights,
     preprocessing and the inputs), so a second call with the same model and data is instant.
     """
     import torch
 
-    from ..encoders.base import auto_device
+    from ..data import all_captions
+    from ..embedding import auto_device, cached_tower_features
     from ..evaluate import caption_owners, project
-    from ..train.pipeline import all_captions, cached_tower_features, tower_fingerprint
+    from ..train.pipeline import tower_fingerprint
 
     device = torch.device(device) if device else auto_device()
     model.to(device)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..embedding import embed_image_batches
 from ..errors import IndexDamagedError, InputError
 from ..progress import progress_bar
-from .decode import _init_worker, decode_one, ordered_map
 from .lock import WriterLock
 from .scan import FileState, Scan, check_removal, check_root, plan_changes, scan_files
 from .store import LEGACY_STORE, MANIFEST, IndexStore, Item, read_manifest, remove_stray_data, store_name
@@ -470,46 +470,29 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
                  commit_every: int, captions: dict[str, list[str]], progress: bool, report: IndexReport,
                  memory_budget: int | None, fusion=None) -> int:
     states = {s.path: s for s in todo}
-    batch: list[tuple[Item, np.ndarray]] = []
-    failures: list[tuple[str, int, int, str]] = []
     since_publish, embedded = 0, 0
-
-    def flush() -> None:
-        nonlocal batch, since_publish, embedded
-        if batch:
-            vectors = embedder.embed_pixels(np.stack([pixels for _, pixels in batch]))
-            if fusion is not None:
-                from .fused import fuse_with_captions
-
-                vectors, uncaptioned = fuse_with_captions(fusion, embedder, vectors, [item.captions for item, _ in batch])
-                report.uncaptioned += uncaptioned
-            store.stage([item for item, _ in batch], vectors)
-            since_publish += len(batch)
-            embedded += len(batch)
-            batch = []
-        if failures:
-            store.record_failures(failures)
-            failures.clear()
-
-    decoded_stream = ordered_map(decode_one, [s.path for s in todo], workers, initializer=_init_worker,
-                                 initargs=(embedder.image_preprocessor,), read_ahead=max(2 * batch_size, 16))
     with progress_bar(total=len(todo), desc="index", unit="img", disable=not progress) as bar:
-        for decoded in decoded_stream:
-            state = states[decoded.path]
-            if decoded.error:
-                failures.append((state.path, state.size, state.mtime_ns, decoded.error))
-                report.failed.append({"path": state.path, "reason": decoded.error})
-            else:
-                item = Item(0, state.path, state.size, state.mtime_ns, decoded.sha256, decoded.width, decoded.height,
-                            captions.get(state.path))
-                batch.append((item, decoded.pixels))
-            if len(batch) >= batch_size:
-                flush()
-            if since_publish >= commit_every:
+        for batch in embed_image_batches([s.path for s in todo], embedder.image_preprocessor, embedder.embed_pixels,
+                                         batch_size, workers, bar):
+            if batch.decoded:
+                items = [Item(0, d.path, states[d.path].size, states[d.path].mtime_ns, d.sha256, d.width, d.height,
+                              captions.get(d.path)) for d in batch.decoded]
+                vectors = batch.vectors
+                if fusion is not None:
+                    from .fused import fuse_with_captions
+
+                    vectors, uncaptioned = fuse_with_captions(fusion, embedder, vectors, [i.captions for i in items])
+                    report.uncaptioned += uncaptioned
+                store.stage(items, vectors)
+                since_publish += len(items)
+                embedded += len(items)
+            if batch.failed:
+                store.record_failures([(d.path, states[d.path].size, states[d.path].mtime_ns, d.error)
+                                       for d in batch.failed])
+                report.failed += [{"path": d.path, "reason": d.error} for d in batch.failed]
+            if not batch.final and since_publish >= commit_every:
                 publish(store, [], memory_budget)
                 since_publish = 0
-            bar.update(1)
-        flush()
     return embedded
 
 

@@ -20,7 +20,8 @@ from torch import nn
 from ..atomic import write_text_atomic
 from ..bundle import check_reproducible, load_bundle, save_bundle
 from ..config import TrainConfig, to_dict
-from ..data import CaptionSet, load_captions, split_by_image
+from ..data import CaptionSet, all_captions, load_captions, split_by_image
+from ..embedding import cached_tower_features
 from ..errors import ConfigError, InputError
 from ..evaluate import evaluate_model
 from ..metrics import mean_recall
@@ -29,8 +30,7 @@ from ..plugins import get_host
 from ..progress import progress_bar
 from . import checkpoint as ckpt
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
-from .pipeline import (Collate, EpochBatches, PairDataset, all_captions, cached_tower_features, caption_offsets,
-                       tower_fingerprint)
+from .pipeline import Collate, EpochBatches, PairDataset, caption_offsets, tower_fingerprint
 from .trainable import apply_training_mode, has_lora, merge_lora_in_place, parse_mode
 
 log = logging.getLogger(__name__)

@@ -1,30 +1,27 @@
-"""Feeding the loop: deterministic batches, one caption per image per step, cached frozen towers.
+"""Feeding the loop: deterministic batches, one caption per image per step (sampler, dataset, collate).
 
 Batches are a pure function of (seed, epoch, position), so a resumed run sees exactly the
 batches an uninterrupted one would have, and ranks under torchrun take disjoint shards.
 Each batch holds distinct images, so no caption of the same photo appears as a false negative.
+Frozen towers' features are computed and cached by ``mmretrieve.embedding.cached_tower_features``;
+``tower_fingerprint`` is their cache key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..atomic import write_npy_atomic
 from ..bundle import hash_module
 from ..data import CaptionedImage
-from ..encoders.base import Encoder, embed_batched
+from ..encoders.base import Encoder
 from ..errors import InputError
 from ..images import load_image
-
-log = logging.getLogger(__name__)
 
 
 class EpochBatches(Sampler):
@@ -116,65 +113,9 @@ def caption_offsets(items: list[CaptionedImage]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def all_captions(items: list[CaptionedImage]) -> list[str]:
-    return [caption for item in items for caption in item.captions]
-
-
 def tower_fingerprint(encoder: Encoder) -> str:
     digest = hashlib.sha256()
     hash_module(digest, encoder.module)
     digest.update(json.dumps(getattr(encoder.preprocessor, "config", None).__dict__, sort_keys=True,
                              default=str).encode())
     return digest.hexdigest()[:16]
-
-
-class _PreprocessedImages(Dataset):
-    def __init__(self, paths: list, preprocessor):
-        self.paths, self.preprocessor = paths, preprocessor
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self.preprocessor.transform(load_image(self.paths[index]))
-
-
-@torch.inference_mode()
-def tower_features(encoder: Encoder, inputs: list, batch_size: int, device: torch.device, workers: int = 0,
-                   forward=None, progress: bool = True) -> np.ndarray:
-    """Raw features of a tower in eval mode; images are decoded in `workers` processes."""
-    from torch.utils.data import DataLoader
-
-    from ..progress import progress_bar
-
-    forward = forward or encoder.forward
-    desc = f"{encoder.modality} features"
-    if encoder.modality == "text":
-        return embed_batched(inputs, encoder.preprocess, forward, encoder.module, encoder.dim, "text", batch_size,
-                             device, progress, desc=desc)
-    encoder.module.to(device).eval()
-    loader = DataLoader(_PreprocessedImages(inputs, encoder.preprocessor), batch_size=batch_size,
-                        num_workers=workers, persistent_workers=False)
-    rows = []
-    with progress_bar(total=len(inputs), unit="image", desc=desc, disable=not progress) as bar:
-        for pixels in loader:
-            rows.append(forward({"pixel_values": pixels.to(device)}).float().cpu().numpy())
-            bar.update(len(pixels))
-    return np.concatenate(rows) if rows else np.zeros((0, encoder.dim), dtype=np.float32)
-
-
-def cached_tower_features(encoder: Encoder, inputs: list, cache_dir: Path | None, batch_size: int,
-                          device: torch.device, label: str, fingerprint: str, workers: int = 0) -> torch.Tensor:
-    """Raw (pre-head) features of a frozen tower for every input, computed once per
-    (weights, preprocessing, inputs) and kept on disk so resumed runs skip the work."""
-    key = hashlib.sha256((fingerprint + "\n" + "\n".join(map(str, inputs))).encode()).hexdigest()[:16]
-    path = cache_dir / f"{label}-{key}.npy" if cache_dir else None
-    if path is not None and path.is_file():
-        features = np.load(path)
-        if features.shape == (len(inputs), encoder.dim):
-            log.info("using cached %s features from %s", label, path)
-            return torch.from_numpy(features)
-    features = tower_features(encoder, inputs, batch_size, device, workers)
-    if path is not None:
-        write_npy_atomic(path, features)
-    return torch.from_numpy(features)

@@ -1,4 +1,11 @@
-"""Decoding and preprocessing images in worker processes, in order, with bounded read-ahead."""
+"""The one decoding pool: images read, decoded and preprocessed in workers, in input order.
+
+``decode_images(paths, preprocessor, workers)`` is what every reader uses (the indexer, eval,
+``mmretrieve embed``, training's feature cache): each path becomes a ``Decoded`` with its pixels,
+or with the reason it could not be used; nothing raises. ``ordered_map`` is the pool underneath,
+worker processes by default (preprocessing holds the GIL), threads where the work releases it.
+Only regular files under the size limit of ``mmretrieve.images`` are read.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,14 @@ import multiprocessing
 import os
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing.pool import ThreadPool
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..images import ImageInputError, load_image, read_image_file
+from .images import ImageInputError, load_image, read_image_file
 
-_preprocessor = None  # set in each worker by _init_worker
+_preprocessor = None  # set in each worker process by init_worker
 
 
 @dataclass
@@ -23,10 +31,11 @@ class Decoded:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
-    error: str | None = None
+    error: str | None = None  # why the image cannot be used; pixels is None then
 
 
-def _init_worker(preprocessor) -> None:
+def init_worker(preprocessor) -> None:
+    """Pool initialiser: the preprocessor ``decode_one`` uses in this worker, one thread of math each."""
     global _preprocessor
     _preprocessor = preprocessor
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -52,20 +61,28 @@ def decode_one(path: str, preprocessor=None) -> Decoded:
         return Decoded(path, None, sha256=digest, error=f"could not be decoded ({type(exc).__name__}: {exc})")
 
 
+def decode_images(paths: Iterable[str], preprocessor, workers: int = 0, read_ahead: int = 64) -> Iterator[Decoded]:
+    """``decode_one`` over ``paths`` in ``workers`` processes (0: here), results in input order."""
+    if workers <= 0:
+        return (decode_one(path, preprocessor) for path in paths)
+    return ordered_map(decode_one, paths, workers, initializer=init_worker, initargs=(preprocessor,),
+                       read_ahead=read_ahead)
+
+
 def ordered_map(function: Callable[[Any], Any], items: Iterable[Any], workers: int, initializer=None,
-                initargs=(), read_ahead: int = 64) -> Iterator[Any]:
-    """``map`` over worker processes: results in input order, at most ``read_ahead`` pending
-    (so decoded images never pile up faster than the encoder consumes them)."""
+                initargs=(), read_ahead: int = 64, threads: bool = False) -> Iterator[Any]:
+    """``map`` over a pool of worker processes (or ``threads``): results in input order, at most
+    ``read_ahead`` pending (so decoded images never pile up faster than they are consumed).
+    Closing the iterator early (or an exception in the consumer) stops the pool."""
     if workers <= 0:
         if initializer:
             initializer(*initargs)
         yield from map(function, items)
         return
-    context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    pool_class = ThreadPool if threads else multiprocessing.get_context("fork").Pool
+    with pool_class(workers, initializer=initializer, initargs=initargs) as pool:
         pending: deque = deque()
-        iterator = iter(items)
-        for item in iterator:
+        for item in items:
             pending.append(pool.apply_async(function, (item,)))
             if len(pending) >= read_ahead:
                 yield pending.popleft().get()

@@ -1,0 +1,164 @@
+"""Embedding a collection through a tower: the one batch loop every caller uses.
+
+Texts (or any items a tower preprocesses itself) go through ``embed_in_batches``; images go
+through ``embed_image_batches``, which decodes them in the pool of ``mmretrieve.decode`` and
+yields each batch's vectors with the images that failed since the previous batch, each with its
+reason (or, ``strict``, raises InputError on the first). The indexer, eval, ``mmretrieve embed``
+and training's frozen-tower cache all come through here; a progress bar passed in counts items.
+
+torch is imported only by the functions that run a torch module (``torch_rows`` and those built
+on it), so a runtime's embedder (onnx) embeds through this module without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .atomic import write_npy_atomic
+from .decode import Decoded, decode_images
+from .errors import InputError
+from .progress import progress_bar
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def stack_rows(rows: list[np.ndarray], dim: int) -> np.ndarray:
+    """The batches' rows as one float32 matrix; (0, dim) when there were none."""
+    if not rows:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.concatenate(rows).astype(np.float32, copy=False)
+
+
+def embed_in_batches(items: Sequence[Any], embed_batch: Callable[[Sequence[Any]], np.ndarray], batch_size: int,
+                     dim: int, bar=None) -> np.ndarray:
+    """``embed_batch`` over consecutive slices of ``batch_size`` items; float32 rows in input order."""
+    rows = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        rows.append(embed_batch(chunk))
+        if bar is not None:
+            bar.update(len(chunk))
+    return stack_rows(rows, dim)
+
+
+@dataclass
+class ImageBatch:
+    decoded: list[Decoded]  # the images embedded, in input order
+    vectors: np.ndarray | None  # one row per decoded image; None when the batch holds none
+    failed: list[Decoded]  # images that failed since the previous batch, each with its reason
+    final: bool  # the last batch of the run (it may hold no images, only failures, or nothing)
+
+
+def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callable[[np.ndarray], np.ndarray],
+                        batch_size: int, workers: int = 0, bar=None, strict: bool = False) -> Iterator[ImageBatch]:
+    """Decode ``paths`` in ``workers`` processes and embed them ``batch_size`` at a time.
+
+    Every image ends up in exactly one batch's ``decoded`` or ``failed``; the bar advances by
+    one per image, after its batch has been handled. ``strict`` raises InputError naming the
+    first image that fails, instead of reporting it.
+    """
+    decoded_stream = decode_images(paths, preprocessor, workers, read_ahead=max(2 * batch_size, 16))
+    batch: list[Decoded] = []
+    failed: list[Decoded] = []
+    for image in decoded_stream:
+        if image.error:
+            if strict:
+                raise InputError(f"{image.path}: {image.error}")
+            failed.append(image)
+        else:
+            batch.append(image)
+        if len(batch) >= batch_size:
+            yield ImageBatch(batch, embed_pixels(np.stack([d.pixels for d in batch])), failed, final=False)
+            batch, failed = [], []
+        if bar is not None:
+            bar.update(1)
+    yield ImageBatch(batch, embed_pixels(np.stack([d.pixels for d in batch])) if batch else None, failed, final=True)
+
+
+def embed_image_paths(paths: Iterable[str], preprocessor, embed_pixels: Callable[[np.ndarray], np.ndarray],
+                      batch_size: int, dim: int, workers: int = 0, bar=None,
+                      strict: bool = False) -> tuple[np.ndarray, list[Decoded], list[Decoded]]:
+    """All of ``embed_image_batches`` at once: (rows of the images embedded, those images, the failed)."""
+    rows, embedded, failed = [], [], []
+    for batch in embed_image_batches(paths, preprocessor, embed_pixels, batch_size, workers, bar, strict):
+        if batch.decoded:
+            rows.append(batch.vectors)
+            embedded += [Decoded(d.path, None, d.width, d.height, d.sha256) for d in batch.decoded]
+        failed += batch.failed
+    return stack_rows(rows, dim), embedded, failed
+
+
+# --- torch towers -------------------------------------------------------------------------------
+
+def auto_device() -> torch.device:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_rows(module, forward: Callable, device=None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """A function from a batch of preprocessed arrays to float32 rows: ``module`` moved to
+    ``device`` (default: the best one) in eval mode, ``forward`` run without autograd."""
+    import torch
+
+    device = torch.device(device) if device is not None else auto_device()
+    module.to(device).eval()
+
+    def run(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            inputs = {name: torch.from_numpy(array).to(device) for name, array in arrays.items()}
+            return forward(inputs).float().cpu().numpy()
+
+    return run
+
+
+def embed_batched(items: Sequence[Any], preprocess: Callable, forward: Callable, module, dim: int, unit: str,
+                  batch_size: int = 32, device=None, progress: bool = False, desc: str = "embed") -> np.ndarray:
+    """Preprocess and run ``items`` (texts, or images as paths or PIL images) batch by batch."""
+    run = torch_rows(module, forward, device)
+    with progress_bar(total=len(items), unit=unit, disable=not progress, desc=desc) as bar:
+        return embed_in_batches(items, lambda chunk: run(preprocess(chunk)), batch_size, dim, bar)
+
+
+def tower_features(encoder, inputs: list, batch_size: int, device, workers: int = 0, forward=None,
+                   progress: bool = True) -> np.ndarray:
+    """Raw features of a tower in eval mode; images are decoded in ``workers`` processes, and one
+    that cannot be used stops the run with an InputError naming it."""
+    forward = forward or encoder.forward
+    desc = f"{encoder.modality} features"
+    if encoder.modality == "text":
+        return embed_batched(inputs, encoder.preprocess, forward, encoder.module, encoder.dim, "text", batch_size,
+                             device, progress, desc=desc)
+    run = torch_rows(encoder.module, forward, device)
+    with progress_bar(total=len(inputs), unit="image", desc=desc, disable=not progress) as bar:
+        features, _, _ = embed_image_paths(inputs, encoder.preprocessor, lambda pixels: run({"pixel_values": pixels}),
+                                           batch_size, encoder.dim, workers, bar, strict=True)
+    return features
+
+
+def cached_tower_features(encoder, inputs: list, cache_dir: Path | None, batch_size: int, device, label: str,
+                          fingerprint: str, workers: int = 0) -> torch.Tensor:
+    """Raw (pre-head) features of a frozen tower for every input, computed once per
+    (weights, preprocessing, inputs) and kept on disk so resumed runs skip the work."""
+    import torch
+
+    key = hashlib.sha256((fingerprint + "\n" + "\n".join(map(str, inputs))).encode()).hexdigest()[:16]
+    path = cache_dir / f"{label}-{key}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        features = np.load(path)
+        if features.shape == (len(inputs), encoder.dim):
+            log.info("using cached %s features from %s", label, path)
+            return torch.from_numpy(features)
+    features = tower_features(encoder, inputs, batch_size, device, workers)
+    if path is not None:
+        write_npy_atomic(path, features)
+    return torch.from_numpy(features)

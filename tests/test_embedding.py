@@ -1,0 +1,153 @@
+"""The one embedding loop (mmretrieve.embedding) and the one decoding pool (mmretrieve.decode)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_image
+
+from mmretrieve.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1] / "mmretrieve"
+
+
+class SizePreprocessor:
+    """A torch-free stand-in: an image becomes [width, height]."""
+
+    def transform(self, image):
+        return np.array(image.size, dtype=np.float32)
+
+
+@pytest.fixture
+def mixed_paths(tmp_path):
+    random_image(1, (10, 20)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    random_image(2, (30, 40)).save(tmp_path / "c.png")
+    random_image(3, (50, 60)).save(tmp_path / "e.png")
+    random_image(4, (70, 80)).save(tmp_path / "f.png")
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]  # d.png does not exist
+    return [str(tmp_path / name) for name in names]
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, n=1):
+        self.n += n
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_batches_hold_every_image_once_with_failures_and_their_reasons(mixed_paths, workers):
+    from mmretrieve.embedding import embed_image_batches
+
+    bar = Counter()
+    batches = list(embed_image_batches(mixed_paths, SizePreprocessor(), lambda pixels: pixels * 10, batch_size=2,
+                                       workers=workers, bar=bar))
+    name = lambda d: Path(d.path).name  # noqa: E731
+    assert [[name(d) for d in b.decoded] for b in batches] == [["a.png", "c.png"], ["e.png", "f.png"], []]
+    assert [[(name(d), d.error) for d in b.failed] for b in batches] == [
+        [("b.png", "unreadable image (Truncated File Read)")], [("d.png", "no such file")], []]
+    assert [b.final for b in batches] == [False, False, True]
+    assert batches[0].vectors.tolist() == [[100, 200], [300, 400]] and batches[-1].vectors is None
+    assert bar.n == len(mixed_paths)
+
+
+def test_strict_image_embedding_names_the_first_image_that_fails(mixed_paths):
+    from mmretrieve.embedding import embed_image_paths
+
+    with pytest.raises(InputError, match=r"b\.png: unreadable image"):
+        embed_image_paths(mixed_paths, SizePreprocessor(), lambda pixels: pixels, 4, 2, strict=True)
+    rows, embedded, failed = embed_image_paths(mixed_paths, SizePreprocessor(), lambda pixels: pixels, 4, 2)
+    assert rows.dtype == np.float32 and rows.tolist() == [[10, 20], [30, 40], [50, 60], [70, 80]]
+    assert [Path(d.path).name for d in embedded] == ["a.png", "c.png", "e.png", "f.png"]
+    assert all(d.pixels is None for d in embedded)  # the collected rows do not keep the pixels alive
+    assert [Path(d.path).name for d in failed] == ["b.png", "d.png"]
+
+
+def test_text_batches_count_on_the_bar_and_an_empty_collection_has_the_width():
+    from mmretrieve.embedding import embed_in_batches
+
+    bar, sizes = Counter(), []
+    rows = embed_in_batches([f"t{i}" for i in range(5)], lambda chunk: sizes.append(len(chunk)) or np.ones((len(chunk), 3)),
+                            batch_size=2, dim=3, bar=bar)
+    assert sizes == [2, 2, 1] and rows.shape == (5, 3) and rows.dtype == np.float32 and bar.n == 5
+    assert embed_in_batches([], None, 2, 3).shape == (0, 3)
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_the_pool_keeps_input_order(threads):
+    from mmretrieve.decode import ordered_map
+
+    assert list(ordered_map(_square, range(20), 3, read_ahead=4, threads=threads)) == [i * i for i in range(20)]
+
+
+def _square(x):
+    return x * x
+
+
+def test_the_pool_reads_ahead_a_bounded_amount_and_stops_when_closed():
+    from mmretrieve.decode import ordered_map
+
+    started, lock = [], threading.Lock()
+
+    def work(x):
+        with lock:
+            started.append(x)
+        return x
+
+    results = ordered_map(work, range(1000), 2, read_ahead=4, threads=True)
+    assert next(results) == 0
+    assert len(started) <= 5
+    results.close()
+    settled = len(started)
+    assert settled <= 6 and len(started) == settled
+
+
+def test_the_tower_loop_gives_the_vectors_of_a_direct_forward(tiny_model, tmp_path):
+    """Decoding in the pool (any workers) then embedding equals the tower's own preprocess + forward."""
+    import torch
+
+    from mmretrieve.embed import collect_inputs, run_embed
+    from mmretrieve.embedding import tower_features
+    from mmretrieve.images import load_image
+
+    paths = []
+    for seed in range(7):
+        random_image(seed, (40 + seed, 50)).save(tmp_path / f"{seed}.png")
+        paths.append(tmp_path / f"{seed}.png")
+    encoder = tiny_model.image_encoder
+    encoder.module.eval()
+    with torch.inference_mode():
+        direct = [encoder.forward({"pixel_values": torch.from_numpy(np.stack(
+            [encoder.preprocessor.transform(load_image(p)) for p in paths[i:i + 3]]))}).float().numpy()
+            for i in range(0, len(paths), 3)]
+    for workers in (0, 2):
+        features = tower_features(encoder, paths, 3, torch.device("cpu"), workers, progress=False)
+        np.testing.assert_array_equal(features, np.concatenate(direct))
+
+    bundle_dir = tmp_path / "bundle"
+    from mmretrieve.bundle import save_bundle
+
+    save_bundle(tiny_model, bundle_dir)
+    (tmp_path / "notes.txt").write_text("not an image")
+    inputs = collect_inputs([], None, [*map(str, paths), str(tmp_path / "notes.txt")])
+    result = run_embed(inputs, tmp_path / "out.npy", "json", None, str(bundle_dir), 3, True, "cpu", None, ())
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), tiny_model.embed("image", paths, batch_size=3,
+                                                                                 device="cpu"))
+    assert result["skipped"] == [{"path": str(tmp_path / "notes.txt"), "reason": "not an image file type"}]
+
+
+def test_callers_keep_no_loop_or_pool_of_their_own():
+    """evaluate, embed, the indexer, training and data go through mmretrieve.embedding / mmretrieve.decode."""
+    sources = {name: (ROOT / name).read_text() for name in
+               ("evaluate.py", "embed.py", "data.py", "index/builder.py", "train/pipeline.py", "encoders/base.py")}
+    for name, text in sources.items():
+        for banned in ("DataLoader(", "ThreadPoolExecutor", "multiprocessing", "index.decode", "train.pipeline"):
+            assert banned not in text, f"{name} has {banned!r}"
+    for name in ("evaluate.py", "embed.py", "index/builder.py"):  # batches are stacked in the one loop
+        assert "np.stack(" not in sources[name], name
+    assert not (ROOT / "index" / "decode.py").exists()
