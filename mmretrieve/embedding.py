@@ -1,6 +1,6 @@
 """Embedding a collection through a tower: the one batch loop every caller uses.
 
-Texts (or any items a tower preprocesses itself) go through ``embed_in_batches``; images go
+Texts (or any items a tower preprocesses itself) go through ``embed_batches``; images go
 through ``embed_image_batches``, which decodes them in the pool of ``mmretrieve.decode`` and
 yields each batch's vectors with the images that failed since the previous batch, each with its
 reason (or, ``strict``, raises InputError on the first). The indexer, eval, ``mmretrieve embed``
@@ -38,16 +38,21 @@ def stack_rows(rows: list[np.ndarray], dim: int) -> np.ndarray:
     return np.concatenate(rows).astype(np.float32, copy=False)
 
 
-def embed_in_batches(items: Sequence[Any], embed_batch: Callable[[Sequence[Any]], np.ndarray], batch_size: int,
-                     dim: int, bar=None) -> np.ndarray:
-    """``embed_batch`` over consecutive slices of ``batch_size`` items; float32 rows in input order."""
-    rows = []
+def embed_batches(items: Sequence[Any], embed_batch: Callable[[Sequence[Any]], np.ndarray], batch_size: int,
+                  bar=None) -> Iterator[tuple[Sequence[Any], np.ndarray]]:
+    """(slice, its rows) for consecutive slices of ``batch_size`` items; the bar advances by the
+    slice's length once the caller has handled it."""
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        rows.append(embed_batch(chunk))
+        yield chunk, embed_batch(chunk)
         if bar is not None:
             bar.update(len(chunk))
-    return stack_rows(rows, dim)
+
+
+def embed_in_batches(items: Sequence[Any], embed_batch: Callable[[Sequence[Any]], np.ndarray], batch_size: int,
+                     dim: int, bar=None) -> np.ndarray:
+    """All of ``embed_batches`` at once: float32 rows in input order."""
+    return stack_rows([rows for _, rows in embed_batches(items, embed_batch, batch_size, bar)], dim)
 
 
 @dataclass

@@ -78,6 +78,15 @@ def test_text_batches_count_on_the_bar_and_an_empty_collection_has_the_width():
     assert embed_in_batches([], None, 2, 3).shape == (0, 3)
 
 
+def test_the_bar_counts_a_text_batch_once_the_caller_has_handled_it():
+    from mmretrieve.embedding import embed_batches
+
+    bar, seen = Counter(), []
+    for chunk, rows in embed_batches(list("abcde"), lambda chunk: np.zeros((len(chunk), 2)), 3, bar):
+        seen.append((list(chunk), rows.shape, bar.n))
+    assert seen == [(["a", "b", "c"], (3, 2), 0), (["d", "e"], (2, 2), 3)] and bar.n == 5
+
+
 @pytest.mark.parametrize("threads", [True, False])
 def test_the_pool_keeps_input_order(threads):
     from mmretrieve.decode import ordered_map
@@ -150,4 +159,6 @@ def test_callers_keep_no_loop_or_pool_of_their_own():
             assert banned not in text, f"{name} has {banned!r}"
     for name in ("evaluate.py", "embed.py", "index/builder.py"):  # batches are stacked in the one loop
         assert "np.stack(" not in sources[name], name
+    for name in ("embed.py", "index/builder.py"):
+        assert "range(0, len(" not in sources[name], name
     assert not (ROOT / "index" / "decode.py").exists()

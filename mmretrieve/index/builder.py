@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embedding import embed_image_batches
+from ..embedding import embed_batches, embed_image_batches
 from ..errors import IndexDamagedError, InputError
 from ..progress import progress_bar
 from .lock import WriterLock
@@ -519,11 +519,9 @@ def index_texts(captions_file: str | Path, index_dir: str | Path, embedder, inde
             todo = [key for key in rows if key not in known]
             vanished = [key for key in known if key.startswith(f"{source}::") and key not in rows]
             with progress_bar(total=len(todo), desc="index", unit="text", disable=not progress) as bar:
-                for start in range(0, len(todo), batch_size):
-                    keys = todo[start:start + batch_size]
-                    vectors = embedder.embed_texts([rows[key][0] for key in keys])
+                for keys, vectors in embed_batches(todo, lambda keys: embedder.embed_texts([rows[k][0] for k in keys]),
+                                                   batch_size, bar):
                     store.stage([Item(0, key, text=rows[key][0], image=rows[key][1]) for key in keys], vectors)
-                    bar.update(len(keys))
             generation, kind = publish(store, vanished)
             seconds = round(time.perf_counter() - started, 2)
             report = IndexReport(str(index_dir), added=len(todo), removed=len(vanished),
