@@ -164,24 +164,9 @@ def test_every_module_has_a_layer():
     assert layer_of("mmretrieve.index.fused") == "index and export" and layer_of("mmretrieve.__main__") == "cli"
 
 
-# Violations still being worked off (issue 14), as "module -> imported module" without line numbers;
-# the test fails on any other violation. Issue 14 is done when this set is empty.
-LEFT = {
-    "mmretrieve.evaluate -> mmretrieve.index.decode",  # engineer "embed" is moving the decoding pool
-}
-
-
-def violation_keys(graph) -> set[str]:
-    keys = {f"{module} -> {target}" for module in graph for target, _ in graph[module]
-            if RANK[layer_of(target)] > RANK[layer_of(module)]}
-    return keys | {"loop " + line.split(": ")[0].removeprefix("import loop between ") for line in import_loops(graph)}
-
-
 def test_no_module_imports_a_higher_layer_or_loops():
-    graph = import_graph()
-    found = violation_keys(graph)
-    assert found <= LEFT, (f"new import-graph violations {sorted(found - LEFT)}; all of them:\n"
-                           + "\n".join(upward_imports(graph) + import_loops(graph)))
+    found = violations()
+    assert not found, f"{len(found)} import-graph violations:\n" + "\n".join(found)
 
 
 def test_the_check_sees_lazy_upward_imports_and_loops(tmp_path):
