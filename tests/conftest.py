@@ -50,6 +50,22 @@ def tiny_model(tiny_model_config):
     return build_model(tiny_model_config)
 
 
+@pytest.fixture
+def bundle(tiny_model, tmp_path):
+    """The tiny model saved as a bundle (modules may define their own ``bundle``)."""
+    from mmretrieve.bundle import save_bundle
+
+    return save_bundle(tiny_model, tmp_path / "bundle").path
+
+
+@pytest.fixture
+def embedder(bundle):
+    """The torch runtime over ``bundle``."""
+    from mmretrieve.runtime.torch_runtime import TorchEmbedder
+
+    return TorchEmbedder(str(bundle), device="cpu")
+
+
 def random_image(seed: int, size=(80, 60)) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)

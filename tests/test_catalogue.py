@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 
-import numpy as np
 import pytest
 
 from conftest import random_image
+from fakes import ColourEmbedder
 from mmretrieve.errors import IndexDamagedError
 from mmretrieve.index.builder import index_images
 from mmretrieve.index.catalogue import Catalogue, indexed_roots
 from mmretrieve.index.store import database_path, read_manifest
 
 
-class Colours:
-    def transform(self, image):
-        return np.asarray(image.convert("RGB").resize((2, 2)), dtype=np.float32).reshape(-1) + 1.0
-
-
-class FakeEmbedder:
-    ref = path = "fake-catalogue-model"
-    fingerprint = "fake-catalogue-model-1"
-    embed_dim = 12
-    image_preprocessor = Colours()
-
-    def embed_pixels(self, pixels):
-        vectors = np.asarray(pixels, dtype=np.float32)
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+FakeEmbedder = functools.partial(ColourEmbedder, "fake-catalogue-model", 12)
 
 
 @pytest.fixture

@@ -24,16 +24,6 @@ from mmretrieve.runtime.torch_runtime import TorchEmbedder
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def bundle(tiny_model, tmp_path):
-    return save_bundle(tiny_model, tmp_path / "bundle").path
-
-
-@pytest.fixture
-def embedder(bundle):
-    return TorchEmbedder(str(bundle), device="cpu")
-
-
 def test_torch_runtime_texts_sorted_by_length_embed_as_one_by_one(embedder):
     import numpy as np
 

@@ -23,16 +23,6 @@ from mmretrieve.runtime.torch_runtime import TorchEmbedder
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def bundle(tiny_model, tmp_path):
-    return save_bundle(tiny_model, tmp_path / "bundle").path
-
-
-@pytest.fixture
-def embedder(bundle):
-    return TorchEmbedder(str(bundle), device="cpu")
-
-
 def build(root, index_dir, embedder, **options):
     options.setdefault("workers", 0)
     options.setdefault("progress", False)

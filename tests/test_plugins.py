@@ -248,16 +248,12 @@ def test_third_party_runtime_is_chosen_with_runtime_for_index_search_and_serve(t
 def test_third_party_loss_is_chosen_in_the_train_config_and_trains(third_party, tiny_bert_dir, tmp_path):
     import json
 
-    from tiny_models import TINY_TIMM, make_colour_dataset
+    from tiny_models import make_colour_dataset, tiny_train_config
 
     data = make_colour_dataset(tmp_path / "colours", per_colour=2)
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({
-        "val_size": 4, "batch_size": 4, "warmup_steps": 1, "workers": 0, "max_steps": 2,
-        "model": {"embed_dim": 8,
-                  "text": {"encoder": "bert", "options": {"model_name": str(tiny_bert_dir), "max_length": 16}},
-                  "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": 32}}},
-    }))
+    config.write_text(json.dumps(tiny_train_config(tiny_bert_dir, embed_dim=8, image_size=32, val_size=4, batch_size=4,
+                                                   warmup_steps=1, workers=0, max_steps=2)))
     result = invoke("train", "--config", config, "--data", data, "--epochs", 1, "-o", tmp_path / "run",
                     "--set", "loss=counting-loss", "--set", 'loss_options={"scale": 2.0}')
     assert "trained 2 steps" in result.stdout

@@ -4,6 +4,7 @@ guard (--prune), a missing folder, and the roots recorded in the manifest."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -12,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import random_image
+from fakes import ColourEmbedder
 from mmretrieve.cli import cli
 from mmretrieve.errors import InputError
 from mmretrieve.index.builder import index_images
@@ -19,25 +21,7 @@ from mmretrieve.index.scan import scan_files
 from mmretrieve.index.store import IndexStore
 
 
-class MeanColour:
-    """A picklable preprocessor: an image becomes its 8 coarse colour statistics."""
-
-    def transform(self, image):
-        pixels = np.asarray(image.convert("RGB").resize((2, 2)), dtype=np.float32).reshape(-1)
-        return np.concatenate([pixels[:8] + 1.0])
-
-
-class FakeEmbedder:
-    """Deterministic and fast: the index machinery needs only these attributes."""
-
-    ref = path = "fake-scan-model"
-    fingerprint = "fake-scan-model-1"
-    embed_dim = 8
-    image_preprocessor = MeanColour()
-
-    def embed_pixels(self, pixels):
-        vectors = np.asarray(pixels, dtype=np.float32)
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+FakeEmbedder = functools.partial(ColourEmbedder, "fake-scan-model", 8)
 
 
 def build(root, index_dir, **options):

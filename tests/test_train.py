@@ -14,7 +14,7 @@ from mmretrieve.config import ModelConfig, TowerConfig, TowerTraining, TrainConf
 from mmretrieve.errors import BundleError, ConfigError, InputError
 from mmretrieve.train import checkpoint as ckpt
 from mmretrieve.train.loop import Trainer, run_training
-from tiny_models import TINY_TIMM, make_colour_dataset
+from tiny_models import TINY_TIMM, make_colour_dataset, tiny_train_config
 
 pytestmark = pytest.mark.slow
 
@@ -241,12 +241,8 @@ def test_train_and_eval_commands(make_config, tmp_path, tiny_bert_dir, colour_da
     from mmretrieve.cli import cli
 
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({
-        "val_size": 14, "batch_size": 7, "warmup_steps": 2, "workers": 0, "head_lr": 0.01, "log_every": 1,
-        "model": {"embed_dim": 16,
-                  "text": {"encoder": "bert", "options": {"model_name": str(tiny_bert_dir), "max_length": 16}},
-                  "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": 48}}},
-    }))
+    config.write_text(json.dumps(tiny_train_config(tiny_bert_dir, val_size=14, batch_size=7, warmup_steps=2, workers=0,
+                                                   head_lr=0.01, log_every=1)))
     runner = CliRunner()
     result = runner.invoke(cli, ["train", "--config", str(config), "--data", str(colour_data), "--epochs", "20",
                                  "-o", str(tmp_path / "cli-run"), "--set", "seed=1"], catch_exceptions=False)
@@ -331,12 +327,8 @@ def test_ctrl_c_during_train_says_where_the_checkpoint_is_and_how_to_resume(make
     from mmretrieve.cli import cli
 
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({
-        "val_size": 14, "batch_size": 7, "warmup_steps": 2, "workers": 0, "log_every": 1,
-        "model": {"embed_dim": 16,
-                  "text": {"encoder": "bert", "options": {"model_name": str(tiny_bert_dir), "max_length": 16}},
-                  "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": 48}}},
-    }))
+    config.write_text(json.dumps(tiny_train_config(tiny_bert_dir, val_size=14, batch_size=7, warmup_steps=2, workers=0,
+                                                   log_every=1)))
     run = tmp_path / "cli-run"
     interrupt_at(monkeypatch, 2)
     args = ["train", "--config", str(config), "--data", str(colour_data), "--epochs", "2", "-o", str(run)]

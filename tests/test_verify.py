@@ -3,6 +3,7 @@ problem, and every command that opens the index says in one sentence how to rebu
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import random_image
+from fakes import ColourEmbedder
 from mmretrieve.cli import cli
 from mmretrieve.errors import IndexDamagedError, InputError
 from mmretrieve.index.builder import index_images
@@ -19,22 +21,7 @@ from mmretrieve.index.store import IndexStore
 from mmretrieve.index.verify import verify_index
 
 
-class Colours:
-    """A picklable preprocessor: an image becomes 12 coarse colour values."""
-
-    def transform(self, image):
-        return np.asarray(image.convert("RGB").resize((2, 2)), dtype=np.float32).reshape(-1) + 1.0
-
-
-class FakeEmbedder:
-    ref = path = "fake-verify-model"
-    fingerprint = "fake-verify-model-1"
-    embed_dim = 12
-    image_preprocessor = Colours()
-
-    def embed_pixels(self, pixels):
-        vectors = np.asarray(pixels, dtype=np.float32)
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+FakeEmbedder = functools.partial(ColourEmbedder, "fake-verify-model", 12)
 
 
 def build(root, index_dir, **options):

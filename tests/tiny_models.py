@@ -72,3 +72,11 @@ def make_colour_dataset(folder: Path, per_colour: int = 6, size: int = 48, seed:
             lines.append(json.dumps({"image": name, "captions": captions}))
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "captions.jsonl"
+
+
+def tiny_train_config(bert_dir, embed_dim: int = 16, image_size: int = 48, **settings) -> dict:
+    """A `train --config` file's settings over the tiny BERT and timm towers, plus ``settings``."""
+    return {**settings, "model": {
+        "embed_dim": embed_dim,
+        "text": {"encoder": "bert", "options": {"model_name": str(bert_dir), "max_length": 16}},
+        "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": image_size}}}}
