@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .errors import InputError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -39,6 +40,8 @@ def read_json_object(path: Path, damaged: Callable[[str], Exception]) -> dict[st
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise damaged(f"{Path(path).name} is missing") from None
+    except PermissionError:  # not damage: rebuilding would not help
+        raise InputError(f"{path} cannot be read (permission denied); run as a user who may read it") from None
     except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
         raise damaged(f"{Path(path).name} cannot be read as JSON ({exc})") from None
     if not isinstance(data, dict):

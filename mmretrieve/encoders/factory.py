@@ -74,6 +74,9 @@ def rebuild_encoder(family: str, folder: Path, options: dict[str, Any]):
     when it takes that argument. An unregistered family raises UnknownNameError."""
     spec = get_host().registry("encoder").get(family)
     factory = resolve_factory(spec.factory)
+    # The registered defaults apply as they did when the tower was built (create_encoder merges
+    # them), except `pretrained`: the bundle holds the weights.
+    options = {**{k: v for k, v in spec.defaults.items() if k != "pretrained"}, **options}
     if isinstance(factory, type) and hasattr(factory, "from_bundle"):
         return factory.from_bundle(Path(folder), dict(options))
     return factory(**rebuild_options(factory, options))

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import BundleError, InputError
 from ..fusion.store import ONNX_GRAPH, check_base_model, read_fusion_info
 from ..fusion.strategies import FusionStrategy, check_pair
+from .ort import import_onnxruntime
 
 
 class OnnxFusion(FusionStrategy):
@@ -32,8 +33,7 @@ class OnnxFusion(FusionStrategy):
         self.digest = description.get("head_digest")
         self.base_fingerprint = description["base_model_fingerprint"]
         if create_session is None:  # plain CPU when no embedder's sessions are given
-            import onnxruntime
-
+            onnxruntime = import_onnxruntime()
             create_session = lambda path: onnxruntime.InferenceSession(  # noqa: E731
                 str(path), providers=["CPUExecutionProvider"])
         self.session = create_session(folder / ONNX_GRAPH)

@@ -22,6 +22,7 @@ from ..bundle import MANIFEST as BUNDLE_MANIFEST
 from ..errors import ExportError, InputError
 from ..export.manifest import read_export_info
 from ..preprocess import ImagePreprocessor, TextPreprocessor
+from .ort import import_onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,6 @@ CHUNK = 256  # rows per session.run: bounds memory for long lists
 # Texts per run once a batch is sorted by length: 44% of a batch of 32 Flickr8k captions was
 # padding; runs of 8 similar lengths embedded 1.2x more captions/s (onnxruntime's per-run cost is small).
 TEXT_SUB_BATCH = 8
-
-
-def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise InputError("the onnx runtime needs onnxruntime; install it with `pip install mmretrieve[cpu]` "
-                         "(or mmretrieve[gpu] for CUDA)") from None
-    return onnxruntime
 
 
 def gpu_visible() -> bool:

@@ -25,7 +25,7 @@ class ServeConfig:
     index_dir: Path  # the image index (`mmretrieve index` output) searched by text and by image
     text_index_dir: Path | None = None  # a caption index (`mmretrieve index --texts`) for image->text
     model: str | None = None  # model to embed queries with; default: the one that built the index
-    runtime: str = "auto"  # torch, onnx or auto (onnx for an export folder)
+    runtime: str = "auto"  # torch, onnx, auto (onnx for an export folder) or a registered runtime
     device: str | None = None  # torch/onnx device; default: cuda when present
     api_key: str | None = None  # when set, /api, /file and /thumb need it (X-API-Key, Bearer or cookie)
     roots: tuple[Path, ...] = ()  # folders files may be served from; default: the indexed folders (manifest roots)
