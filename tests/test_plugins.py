@@ -349,14 +349,14 @@ def _plugin_image_encoder(family="tiny-image", preprocessor=None, options=None):
     return TinyImage
 
 
-def _register_image_encoder(encoder_class, name="tiny-image"):
+def _register_image_encoder(encoder_class, name="tiny-image", defaults=None):
     from mmretrieve import hookimpl
     from mmretrieve.specs import EncoderSpec
 
     class Plugin:
         @hookimpl
         def register_encoders(self, register):
-            register(EncoderSpec(name=name, modality="image", factory=encoder_class))
+            register(EncoderSpec(name=name, modality="image", factory=encoder_class, defaults=defaults or {}))
 
     plugins.get_host().register(Plugin(), f"{name}-plugin")
 
@@ -381,6 +381,19 @@ def test_a_plugin_encoder_without_pretrained_saves_and_loads_again(tiny_bert_dir
     assert type(loaded.image_encoder).__name__ == "TinyImage" and loaded.image_encoder.registered_name == "tiny-image"
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_a_plugin_encoders_registered_defaults_apply_when_its_bundle_loads(tiny_bert_dir, tmp_path):
+    from mmretrieve.bundle import load_bundle, save_bundle
+
+    # save_architecture records nothing, so only the registered default says the tower is 48 px.
+    _register_image_encoder(_plugin_image_encoder(options={}), defaults={"image_size": 48})
+    model = _model_with("tiny-image", tiny_bert_dir)
+    assert model.image_encoder.options["image_size"] == 48
+    save_bundle(model, tmp_path / "bundle")
+    loaded = load_bundle(tmp_path / "bundle")
+    assert loaded.image_encoder.options["image_size"] == 48
+    assert loaded.image_encoder.preprocessor.config.size == model.image_encoder.preprocessor.config.size
 
 
 @pytest.mark.parametrize("kind, message", [
