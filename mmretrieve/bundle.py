@@ -60,6 +60,15 @@ def hash_module(digest, module) -> None:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
+def tower_fingerprint(encoder) -> str:
+    """A tower's weights and preprocessing: the key its cached features are stored under."""
+    digest = hashlib.sha256()
+    hash_module(digest, encoder.module)
+    digest.update(json.dumps(getattr(encoder.preprocessor, "config", None).__dict__, sort_keys=True,
+                             default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def module_digest(module) -> str:
     """SHA-256 of a module's weights: the identity of a reference tower."""
     digest = hashlib.sha256()

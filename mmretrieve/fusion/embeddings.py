@@ -36,7 +36,7 @@ def embed_captioned(model, items: list[CaptionedImage], cache_dir: str | Path | 
     from ..data import all_captions
     from ..embedding import auto_device, cached_tower_features
     from ..evaluate import caption_owners, project
-    from ..train.pipeline import tower_fingerprint
+    from ..bundle import tower_fingerprint
 
     device = torch.device(device) if device else auto_device()
     model.to(device)

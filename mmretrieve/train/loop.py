@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomic
-from ..bundle import check_reproducible, load_bundle, save_bundle
+from ..bundle import check_reproducible, load_bundle, save_bundle, tower_fingerprint
 from ..config import TrainConfig, to_dict
 from ..data import CaptionSet, all_captions, load_captions, split_by_image
 from ..embedding import cached_tower_features
@@ -30,7 +30,7 @@ from ..plugins import get_host
 from ..progress import progress_bar
 from . import checkpoint as ckpt
 from .distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
-from .pipeline import Collate, EpochBatches, PairDataset, caption_offsets, tower_fingerprint
+from .pipeline import Collate, EpochBatches, PairDataset, caption_offsets
 from .trainable import apply_training_mode, has_lora, merge_lora_in_place, parse_mode
 
 log = logging.getLogger(__name__)

@@ -3,21 +3,18 @@
 Batches are a pure function of (seed, epoch, position), so a resumed run sees exactly the
 batches an uninterrupted one would have, and ranks under torchrun take disjoint shards.
 Each batch holds distinct images, so no caption of the same photo appears as a false negative.
-Frozen towers' features are computed and cached by ``mmretrieve.embedding.cached_tower_features``;
-``tower_fingerprint`` is their cache key.
+Frozen towers' features are computed and cached by ``mmretrieve.embedding.cached_tower_features``,
+keyed by ``mmretrieve.bundle.tower_fingerprint``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..bundle import hash_module
 from ..data import CaptionedImage
 from ..encoders.base import Encoder
 from ..errors import InputError
@@ -111,11 +108,3 @@ def caption_offsets(items: list[CaptionedImage]) -> np.ndarray:
     """Row of each image's first caption in the flat list of all captions."""
     counts = np.array([len(item.captions) for item in items])
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-
-
-def tower_fingerprint(encoder: Encoder) -> str:
-    digest = hashlib.sha256()
-    hash_module(digest, encoder.module)
-    digest.update(json.dumps(getattr(encoder.preprocessor, "config", None).__dict__, sort_keys=True,
-                             default=str).encode())
-    return digest.hexdigest()[:16]
