@@ -548,3 +548,20 @@ def test_an_option_the_encoder_factory_does_not_take_is_one_sentence():
     with pytest.raises(ConfigError, match=r"encoder 'timm' takes no option 'colour' \(its options: model_name, "
                                           r"pretrained, weights, model_kwargs, image_size\)"):
         create_encoder("timm:resnet18", colour="red")
+
+
+def test_a_runtime_that_builds_no_embedder_is_one_sentence(tmp_path):
+    from mmretrieve import hookimpl
+    from mmretrieve.errors import InputError
+    from mmretrieve.runtime import load_embedder
+    from mmretrieve.specs import RuntimeSpec
+
+    class Plugin:
+        @hookimpl
+        def register_runtimes(self, register):
+            register(RuntimeSpec(name="hollow", factory=lambda model_ref, device=None: object()))
+
+    plugins.get_host().register(Plugin(), "hollow-plugin")
+    with pytest.raises(InputError, match="runtime 'hollow' .*built a object, which has no embed_texts or "
+                                         "embed_pixels; a runtime must build an embedder"):
+        load_embedder(str(tmp_path), runtime="hollow")

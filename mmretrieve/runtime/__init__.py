@@ -50,11 +50,19 @@ def load_embedder(model_ref: str, runtime: str = "auto", device: str | None = No
     """The runtime's embedder for ``model_ref``; a path reaches the factory absolute (``~`` expanded),
     so the ``ref`` an index records is found again from any working folder."""
     from ..bundle import resolve_model_ref
+    from ..errors import InputError
     from ..plugins import get_host
 
     model_ref = resolve_model_ref(model_ref)
-    registry = get_host().registry("runtime")
-    return registry.get(choose_runtime(model_ref, runtime)).build(model_ref=model_ref, device=device)
+    spec = get_host().registry("runtime").get(choose_runtime(model_ref, runtime))
+    embedder = spec.build(model_ref=model_ref, device=device)
+    # Checked on the class, so properties that load a tower on first use are not touched.
+    missing = [name for name in ("embed_texts", "embed_pixels") if not callable(getattr(type(embedder), name, None))]
+    if missing:
+        raise InputError(f"runtime {spec.name!r} (plugin {spec.plugin!r}) built a {type(embedder).__name__}, which has "
+                         f"no {' or '.join(missing)}; a runtime must build an embedder (EmbedderProtocol in "
+                         f"mmretrieve/hookspecs.py)")
+    return embedder
 
 
 def embed_by_length(feeds: dict[str, np.ndarray], run: Callable[[dict[str, np.ndarray]], np.ndarray], dim: int,
