@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .damage import GuardedConnection
-from .store import COLUMNS, Item, database_path, row_to_item
-
-_BATCH = 500  # paths per query: SQLite allows a limited number of parameters
+from .store import Item, database_path, ids_by_path, items_with_ids
 
 
 class Catalogue:
@@ -29,20 +27,12 @@ class Catalogue:
     def lookup(self, item_id: int) -> Item | None:
         """The item with this id, or None."""
         with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE id = ?", (int(item_id),)).fetchone()
-        return None if row is None else row_to_item(row)
+            return items_with_ids(self._db, [item_id]).get(int(item_id))
 
     def ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]:
         """{path: id} for those of ``paths`` that are items."""
-        paths = list(dict.fromkeys(paths))
-        found: dict[str, int] = {}
-        for start in range(0, len(paths), _BATCH):
-            chunk = paths[start:start + _BATCH]
-            with self._lock:
-                rows = self._db.execute(f"SELECT path, id FROM items WHERE path IN ({','.join('?' * len(chunk))})",
-                                        chunk).fetchall()
-            found.update(rows)
-        return found
+        with self._lock:
+            return ids_by_path(self._db, paths)
 
     def common_folder(self) -> str | None:
         """The folder all items' paths share, or None for an empty index."""

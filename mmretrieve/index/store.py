@@ -110,6 +110,30 @@ def database_path(folder: Path) -> Path:
     return folder / store_name(read_manifest(folder), folder) / DATABASE
 
 
+_PARAMETERS = 500  # values per IN (...): SQLite bounds the parameters of one statement
+
+
+def items_with_ids(db, ids: Iterable[int]) -> dict[int, Item]:
+    """{id: Item} of the published items among ``ids`` (``db``: a connection to an index database)."""
+    ids = list(dict.fromkeys(int(i) for i in ids))
+    found: dict[int, Item] = {}
+    for start in range(0, len(ids), _PARAMETERS):
+        chunk = ids[start:start + _PARAMETERS]
+        rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        found.update((row[0], row_to_item(row)) for row in rows)
+    return found
+
+
+def ids_by_path(db, paths: Iterable[str]) -> dict[str, int]:
+    """{path: id} of the published items among ``paths``."""
+    paths = list(dict.fromkeys(paths))
+    found: dict[str, int] = {}
+    for start in range(0, len(paths), _PARAMETERS):
+        chunk = paths[start:start + _PARAMETERS]
+        found.update(db.execute(f"SELECT path, id FROM items WHERE path IN ({','.join('?' * len(chunk))})", chunk))
+    return found
+
+
 class IndexStore:
     """Read and write access to one data folder of an index (writers hold the WriterLock).
 
@@ -279,21 +303,10 @@ class IndexStore:
         return {p: (s, m, r) for p, s, m, r in self.db.execute("SELECT path, size, mtime_ns, reason FROM failures")}
 
     def items_by_id(self, ids: Iterable[int]) -> dict[int, Item]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        rows = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE id IN ({marks})", ids)
-        return {row[0]: row_to_item(row) for row in rows}
+        return items_with_ids(self.db, ids)
 
     def item_ids_for_paths(self, paths: Iterable[str]) -> list[int]:
-        paths = list(paths)
-        out = []
-        for start in range(0, len(paths), 500):
-            chunk = paths[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            out += [r[0] for r in self.db.execute(f"SELECT id FROM items WHERE path IN ({marks})", chunk)]
-        return out
+        return list(ids_by_path(self.db, paths).values())
 
     def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         return self._embeddings("items")
