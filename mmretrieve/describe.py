@@ -7,22 +7,17 @@ from pathlib import Path
 from typing import Any
 
 
-
 def kind_of(ref: str | Path) -> str:
     """"export", "index" or "bundle" (also for anything else: the bundle reader explains what is wrong)."""
-    import json
-
     from .export.manifest import is_export
+    from .formats import peek_json_object
     from .index.store import FORMAT as INDEX_FORMAT, MANIFEST
 
     folder = Path(ref)
     if is_export(folder):
         return "export"
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if isinstance(manifest, dict):
+    manifest = peek_json_object(folder / MANIFEST)
+    if manifest is not None:
         return "index" if manifest.get("format") == INDEX_FORMAT else "bundle"
     # A manifest that is no JSON object, beside an index's data: a damaged index (for --verify to report).
     return "index" if (folder / MANIFEST).is_file() and _holds_index_data(folder) else "bundle"

@@ -33,6 +33,16 @@ def check_format(manifest: dict[str, Any], folder: Path, expected: str, supporte
         )
 
 
+def peek_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, unreadable or not an object: for a
+    caller that only looks (what kind of folder, what to suggest), where ``read_json_object`` refuses."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_json_object(path: Path, damaged: Callable[[str], Exception]) -> dict[str, Any]:
     """The JSON object in ``path``; anything else (unreadable, not JSON, a list) is
     ``damaged(problem)`` with a problem naming the file, e.g. "model.json holds no JSON object"."""

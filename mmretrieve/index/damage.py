@@ -9,7 +9,6 @@ vectors are gone. ``GuardedConnection`` turns SQLite's corruption errors into
 
 from __future__ import annotations
 
-import json
 import shlex
 import sqlite3
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Iterator
 
 from ..bundle import DEFAULT_MODEL  # what `index` uses when neither --model nor a readable manifest names one
 from ..errors import IndexDamagedError
+from ..formats import peek_json_object
 
 # SQLite's primary result codes for a file that is not (or no longer) a valid database.
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
@@ -28,10 +28,7 @@ def rebuild_command(folder: str | Path, manifest: dict[str, Any] | None = None) 
     default (a rebuild whose manifest is too damaged to name it uses the default)."""
     folder = Path(folder)
     if manifest is None:
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            manifest = {}
+        manifest = peek_json_object(folder / "manifest.json")
     if not isinstance(manifest, dict):
         manifest = {}
     roots = manifest.get("roots") or []
