@@ -203,12 +203,48 @@ def default_model() -> str | None:
     return DEFAULT_MODEL if DEFAULT_MODEL in _registered_models() else None
 
 
+LOCAL_DIR = "local-dir:"  # in a prefixed model reference, what names a local checkpoint folder
+
+
+def _prefixed(ref: str):
+    """``(spec, rest)`` when ``ref`` is ``PREFIX:rest`` with a prefix a model plugin registered
+    (``clip:openai/clip-vit-base-patch32``), else None."""
+    prefix, sep, rest = str(ref).partition(":")
+    if not sep or not rest or not prefix:
+        return None
+    spec = _registered_models().prefix_owner(f"{prefix}:")
+    return None if spec is None else (spec, rest)
+
+
+def _checkpoint_folder_ref(path: Path) -> str | None:
+    """For a folder written by transformers' ``save_pretrained`` (a config.json naming a
+    ``model_type``, no bundle manifest): ``PREFIX:local-dir:PATH`` where ``PREFIX`` is
+    that model type (``_`` as ``-``) and a model plugin registered it; else None."""
+    from .formats import peek_json_object
+
+    if (path / MANIFEST).exists():
+        return None
+    config = peek_json_object(path / "config.json")
+    model_type = config.get("model_type") if config else None
+    if not isinstance(model_type, str) or not model_type:
+        return None
+    prefix = model_type.replace("_", "-") + ":"
+    return f"{prefix}{LOCAL_DIR}{path.resolve()}" if _registered_models().prefix_owner(prefix) else None
+
+
 def absolute_ref(ref: str | Path) -> str:
     """A model given as a path (``~`` expanded) as its absolute, resolved path, so that an index
     built with it, or a process started in another folder, still finds it; a name a plugin
-    registered (``default``) stays a name. A path that exists wins over a name, as in resolve_model."""
+    registered (``default``) stays a name, and so does a prefixed reference, except that the folder
+    of a ``PREFIX:local-dir:PATH`` is made absolute. A path that exists wins over a name, as in
+    resolve_model."""
     path = Path(ref).expanduser()
-    return str(path.resolve()) if path.exists() else str(ref)
+    if path.exists():
+        return str(path.resolve())
+    prefix, _, rest = str(ref).partition(":")
+    if rest.startswith(LOCAL_DIR) and _prefixed(str(ref)) is not None:
+        return f"{prefix}:{LOCAL_DIR}{Path(rest[len(LOCAL_DIR):]).expanduser().resolve()}"
+    return str(ref)
 
 
 def resolve_model_ref(ref: str | Path | None = None, built_with: dict[str, Any] | None = None,
@@ -235,8 +271,8 @@ def resolve_model_ref(ref: str | Path | None = None, built_with: dict[str, Any] 
 def _model_location(built_with: dict[str, Any], index_dir: str | Path | None = None) -> str:
     ref = str(built_with.get("ref", ""))
     recorded = str(built_with.get("path") or ref)
-    if ref and not Path(ref).is_absolute() and ref in _registered_models():
-        return ref
+    if ref and not Path(ref).is_absolute() and (ref in _registered_models() or _prefixed(ref) is not None):
+        return ref  # a registered name, or a prefixed reference (clip:...): its plugin finds it again
     tried = []
     for candidate in dict.fromkeys(p for p in (ref, recorded) if p and Path(p).is_absolute()):
         tried.append(candidate)
@@ -258,16 +294,24 @@ def _model_location(built_with: dict[str, Any], index_dir: str | Path | None = N
 
 
 def resolve_model(ref: str | Path) -> Path:
-    """A bundle folder (absolute) from a path or from a name a plugin registered (``default``)."""
+    """A bundle folder (absolute) from a path, from a name a plugin registered (``default``:
+    ``factory()``), or from a prefixed reference (``clip:CHECKPOINT``: ``factory(CHECKPOINT)`` of
+    the model plugin that registered the prefix). A folder that transformers' ``save_pretrained``
+    wrote is the prefixed reference its model type names (see ``_checkpoint_folder_ref``)."""
     from .atomic import recover_directory
 
     path = Path(ref).expanduser()
     recover_directory(path)  # a save killed between its renames leaves the folder aside
     if path.is_dir():
-        return path.resolve()
+        checkpoint = _checkpoint_folder_ref(path)
+        return path.resolve() if checkpoint is None else resolve_model(checkpoint)
     registry = _registered_models()
     if str(ref) in registry:
         return Path(registry.get(str(ref)).build())
+    prefixed = _prefixed(str(ref))
+    if prefixed is not None:
+        spec, rest = prefixed
+        return Path(spec.build(rest))
     if path.exists():
         raise BundleError(f"{path} is a file; a model is a bundle folder")
     names = ", ".join(registry.names()) or "none"
@@ -296,34 +340,43 @@ def load_bundle(ref: str | Path, verify: bool = True):
     """Rebuild a RetrievalModel from a bundle, offline, with its saved weights."""
     from safetensors.torch import load_file
 
-    from .encoders.factory import rebuild_encoder, rebuild_problem
     from .model import RetrievalModel
-    from .preprocess import load_preprocessor
 
     info = read_bundle_info(ref, verify=verify)
-    encoders = {}
-    referenced = []
-    for name in TOWERS:
-        tower = info.model["towers"][name]
-        if "reference" in tower:
-            encoders[name] = _reference_encoder(info.path, name, tower["reference"])
-            referenced.append(f"{name}_tower.")
-        else:
-            try:
-                problem = rebuild_problem(tower["family"], tower["options"])
-            except UnknownNameError:
-                raise BundleError(f"{info.path}: its {name} tower needs the {tower['family']!r} encoder, "
-                                  f"which no installed plugin provides") from None
-            if problem:
-                raise BundleError(f"{info.path}: its {name} tower cannot be rebuilt: {problem}; "
-                                  f"see docs/plugins.md")
-            encoders[name] = rebuild_encoder(tower["family"], info.path / name, tower["options"])
-        # The preprocessing saved with the bundle, not today's defaults of the library.
-        encoders[name].preprocessor = load_preprocessor(info.path / name)
-        encoders[name].registered_name = tower.get("registered_as", tower["family"])
+    encoders = {name: _rebuild_tower(info, name) for name in TOWERS}
     model = RetrievalModel(info.config, encoders["text"], encoders["image"])
-    state = load_file(str(info.path / WEIGHTS))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    _load_weights(info, model, load_file(str(info.path / WEIGHTS)),
+                  [f"{name}_tower." for name in TOWERS if "reference" in info.model["towers"][name]])
+    model.bundle = info
+    return model
+
+
+def _rebuild_tower(info: BundleInfo, name: str):
+    """One tower's encoder, rebuilt offline (or the registered encoder it refers to, digest checked)."""
+    from .encoders.factory import rebuild_encoder, rebuild_problem
+    from .preprocess import load_preprocessor
+
+    tower = info.model["towers"][name]
+    if "reference" in tower:
+        encoder = _reference_encoder(info.path, name, tower["reference"])
+    else:
+        try:
+            problem = rebuild_problem(tower["family"], tower["options"])
+        except UnknownNameError:
+            raise BundleError(f"{info.path}: its {name} tower needs the {tower['family']!r} encoder, "
+                              f"which no installed plugin provides") from None
+        if problem:
+            raise BundleError(f"{info.path}: its {name} tower cannot be rebuilt: {problem}; "
+                              f"see docs/plugins.md")
+        encoder = rebuild_encoder(tower["family"], info.path / name, tower["options"])
+    # The preprocessing saved with the bundle, not today's defaults of the library.
+    encoder.preprocessor = load_preprocessor(info.path / name)
+    encoder.registered_name = tower.get("registered_as", tower["family"])
+    return encoder
+
+
+def _load_weights(info: BundleInfo, module, state: dict, referenced: list[str]) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
     # Tensors of a reference tower that training left unchanged come from its encoder instead.
     missing = [key for key in missing if not key.startswith(tuple(referenced))]
     if missing or unexpected:
@@ -331,8 +384,32 @@ def load_bundle(ref: str | Path, verify: bool = True):
             f"{info.path}: weights do not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"e.g. {(missing or unexpected)[0]})"
         )
-    model.bundle = info
-    return model
+
+
+def load_tower(info: BundleInfo, name: str):
+    """One tower of a bundle with its projection head, as ``(encoder, head)``, without building
+    the other tower: embedding a text query need not load an image network. The bundle's weights
+    for this tower and head are loaded and must fit exactly, as in ``load_bundle``; the files were
+    checked when ``info`` was read (``read_bundle_info(ref, verify=True)``)."""
+    from safetensors import safe_open
+    from torch import nn
+
+    from .model import make_head
+
+    if name not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, not {name!r}")
+    encoder = _rebuild_tower(info, name)
+    head = make_head(info.config.head, encoder.dim, info.config.embed_dim)
+    pair = nn.ModuleDict({"tower": encoder.module, "head": head})
+    prefixes = {f"{name}_tower.": "tower.", f"{name}_head.": "head."}
+    state = {}
+    with safe_open(str(info.path / WEIGHTS), framework="pt") as weights:
+        for key in weights.keys():
+            for prefix, local in prefixes.items():
+                if key.startswith(prefix):
+                    state[local + key[len(prefix):]] = weights.get_tensor(key)
+    _load_weights(info, pair, state, ["tower."] if "reference" in info.model["towers"][name] else [])
+    return encoder, head
 
 
 def _reference_encoder(folder: Path, name: str, reference: dict[str, Any]):

@@ -244,6 +244,14 @@ def register_models(register):
     Call ``register(ModelSpec(name=..., factory="module:function"))``; ``factory()`` takes no
     argument and returns the bundle folder (a ``str`` or ``Path``); it is called only when the
     model is used (``--model NAME``).
+
+    A spec with ``prefixes=("clip:",)`` also answers prefixed references: ``--model clip:REST``
+    calls ``factory(REST)`` (REST as typed, e.g. a hub id or ``local-dir:PATH``, whose folder the
+    core has made absolute), which returns the bundle folder for it, typically one it builds once
+    and caches (``mmretrieve.pairs.pair_bundle``). Index manifests record the prefixed reference,
+    so ``factory(REST)`` must find the same model again later. A folder written by transformers'
+    ``save_pretrained`` given as ``--model PATH`` is handed to the prefix that its config.json's
+    ``model_type`` names (``_`` read as ``-``), as ``factory("local-dir:PATH")``.
     """
 
 

@@ -78,10 +78,7 @@ class EncoderSpec(Spec):
         super().validate()
         if self.modality not in MODALITIES:
             raise RegistrationError(f"encoder {self.name!r}: modality must be one of {MODALITIES}, not {self.modality!r}")
-        for prefix in self.prefixes:
-            if not isinstance(prefix, str) or not prefix.endswith(":") or len(prefix) < 2 or " " in prefix:
-                raise RegistrationError(f"encoder {self.name!r}: prefix {prefix!r} must be a word ending in ':', "
-                                        f"like 'timm:'")
+        check_prefixes("encoder", self.name, self.prefixes)
         if callable(self.factory):  # a "module:attribute" factory is checked when first built, not imported here
             wanted = [*self.defaults, *([self.prefix_option] if self.prefixes else [])]
             wrong = unaccepted_options(self.factory, wanted)
@@ -110,6 +107,21 @@ class RuntimeSpec(Spec):
     pass
 
 
+def check_prefixes(kind: str, name: str, prefixes) -> None:
+    for prefix in prefixes:
+        if not isinstance(prefix, str) or not prefix.endswith(":") or len(prefix) < 2 or " " in prefix:
+            raise RegistrationError(f"{kind} {name!r}: prefix {prefix!r} must be a word ending in ':', like 'timm:'")
+
+
 @dataclass(frozen=True)
 class ModelSpec(Spec):
-    """A ready-made bundle; ``factory`` returns the path of its folder."""
+    """A ready-made bundle; ``factory`` returns the path of its folder.
+
+    ``factory()`` builds the model named ``name``; with ``prefixes`` ("clip:") a reference
+    ``clip:REST`` calls ``factory(REST)`` (a pretrained pair: REST names its checkpoint)."""
+
+    prefixes: tuple[str, ...] = ()  # "clip:" lets users write --model clip:openai/clip-vit-base-patch32
+
+    def validate(self) -> None:
+        super().validate()
+        check_prefixes("model", self.name, self.prefixes)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "mmretrieve.data", "mmretrieve.metrics", "mmretrieve.hookspecs", "mmretrieve.decode",
               "mmretrieve.embedding")),
     ("plugin core", ("mmretrieve.specs", "mmretrieve.registry", "mmretrieve.plugins", "mmretrieve.default_plugins")),
-    ("encoders/model", ("mmretrieve.encoders", "mmretrieve.model", "mmretrieve.bundle")),
+    ("encoders/model", ("mmretrieve.encoders", "mmretrieve.model", "mmretrieve.bundle", "mmretrieve.pairs")),
     ("train/evaluate", ("mmretrieve.train", "mmretrieve.evaluate", "mmretrieve.embed")),
     ("fusion", ("mmretrieve.fusion",)),
     # "=name": that module alone. mmretrieve.runtime itself is the runtimes' factory (load_embedder picks a
