@@ -164,6 +164,10 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
     click.echo(f"format:       {manifest['format']} v{manifest['format_version']} (mmretrieve {manifest['mmretrieve_version']})")
     click.echo(f"fingerprint:  {manifest['fingerprint']}")
     click.echo(f"embed dim:    {config['embed_dim']}  head: {config['head']}")
+    source = (manifest.get("metadata") or {}).get("source")
+    if isinstance(source, dict) and source:  # a pretrained pair's bundle: which checkpoint it was made from
+        click.echo(f"source:       {source.get('kind', '?')} {source.get('checkpoint', '?')}"
+                   + (f" @ {source['revision']}" if source.get("revision") else ""))
     for name, tower in bundle.model["towers"].items():
         reference = tower.get("reference")
         stored = (f", by reference ({reference['changed_tensors']} tensors changed by training)" if reference else "")

@@ -39,6 +39,7 @@ BUILTIN_PLUGINS = (
     "mmretrieve.default_plugins.fusion",
     "mmretrieve.default_plugins.runtimes",
     "mmretrieve.default_plugins.index_backends",
+    "mmretrieve.default_plugins.models",
 )
 
 # kind -> (hook name, spec type); one registry per kind.

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .errors import ConfigError
 from .images import load_image
 
 _PIL_INTERPOLATION = {
@@ -25,6 +26,9 @@ _PIL_INTERPOLATION = {
 }
 # The full resize-then-crop runs while it makes at most this many times the output's pixels.
 BOUNDED_ABOVE = 4
+RESIZE_MODES = ("crop", "squash")
+CROP_OFFSETS = ("round", "floor")
+PADDING_MODES = ("longest", "max_length")
 
 
 @dataclass
@@ -34,6 +38,14 @@ class ImagePreprocessConfig:
     interpolation: str = "bicubic"  # bicubic, bilinear, nearest or lanczos
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel, after scaling to [0, 1]
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: str = "crop"  # crop: shorter side to size / crop_pct, centre crop; squash: whole image to size x size
+    crop_offset: str = "round"  # an odd margin's half: round (torchvision, timm) or floor (transformers' processors)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"image resize must be one of {RESIZE_MODES}, not {self.resize!r}")
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ConfigError(f"image crop_offset must be one of {CROP_OFFSETS}, not {self.crop_offset!r}")
 
     @classmethod
     def from_timm(cls, data_config: dict) -> "ImagePreprocessConfig":
@@ -44,7 +56,8 @@ class ImagePreprocessConfig:
 
 
 class ImagePreprocessor:
-    """Resize the shorter side, centre-crop, scale to [0, 1], normalise: timm's eval transform."""
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalise: timm's eval transform (and
+    CLIP's, with crop_pct 1); or, with resize "squash", the whole image to the square (SigLIP's)."""
 
     file_name = "image_preprocess.json"
 
@@ -61,6 +74,10 @@ class ImagePreprocessor:
         region that survives the crop is resampled, straight from the source.
         """
         size = self.config.size
+        if self.config.resize == "squash":  # the aspect ratio is not kept; nothing is cut away
+            array = np.asarray(image.resize((size, size), _PIL_INTERPOLATION[self.config.interpolation]),
+                               dtype=np.float32).transpose(2, 0, 1) / 255.0
+            return (array - self._mean) / self._std
         scale = math.floor(size / self.config.crop_pct)
         width, height = image.size
         # Same arithmetic as torchvision's Resize and CenterCrop, so outputs match timm exactly.
@@ -68,7 +85,10 @@ class ImagePreprocessor:
             new_w, new_h = scale, int(scale * height / width)
         else:
             new_w, new_h = int(scale * width / height), scale
-        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        if self.config.crop_offset == "floor":
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+        else:
+            left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         resample = _PIL_INTERPOLATION[self.config.interpolation]
         if new_w * new_h <= BOUNDED_ABOVE * size * size:
             # Every ordinary photo (up to 3:1 at 224/0.875): bit-identical to timm's transform.
@@ -100,6 +120,12 @@ class ImagePreprocessor:
 class TextPreprocessConfig:
     max_length: int = 77  # tokens, special tokens included; longer texts are truncated
     extra: dict = field(default_factory=dict)  # reserved for tokenizer-specific settings
+    padding: str = "longest"  # longest: pad a batch to its longest text; max_length: every text to max_length (SigLIP)
+    pad_token: str | None = None  # the padding token; None: [PAD] or <pad>, whichever the vocabulary has
+
+    def __post_init__(self) -> None:
+        if self.padding not in PADDING_MODES:
+            raise ConfigError(f"text padding must be one of {PADDING_MODES}, not {self.padding!r}")
 
 
 class TextPreprocessor:
@@ -112,9 +138,11 @@ class TextPreprocessor:
         self.config = config
         self.tokenizer = tokenizer  # a tokenizers.Tokenizer
         self.tokenizer.enable_truncation(max_length=config.max_length)
-        pad_token = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), "[PAD]")
+        pad_token = config.pad_token or next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None),
+                                             "[PAD]")
         pad_id = tokenizer.token_to_id(pad_token)
-        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=pad_token)
+        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=pad_token,
+                                      length=config.max_length if config.padding == "max_length" else None)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         encodings = self.tokenizer.encode_batch([str(t) for t in texts])

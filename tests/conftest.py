@@ -30,6 +30,19 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random CLIP, SigLIP and Chinese-CLIP checkpoints (tests/tiny_pairs.py), written once per
+    session; their cached bundles go to a session folder ($MMRETRIEVE_CACHE), not the user's cache."""
+    from tiny_pairs import BUILDERS
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MMRETRIEVE_CACHE", str(tmp_path_factory.mktemp("mmretrieve-cache")))
+    root = tmp_path_factory.mktemp("tiny-pairs")
+    yield {name: build(root / name) for name, build in BUILDERS.items()}
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_config(tiny_bert_dir):
     from mmretrieve.config import ModelConfig, TowerConfig
 

@@ -41,10 +41,10 @@ def test_version(run):
 def test_plugins_table_and_json(run, builtins_only):
     table = run("plugins")
     assert table.exit_code == 0
-    assert "mmretrieve.default_plugins.encoders" in table.output and "encoders: bert, timm" in table.output
+    assert "mmretrieve.default_plugins.encoders" in table.output and "encoders: bert, timm, hf-pair-text, hf-pair-image" in table.output
     listed = json.loads(run("plugins", "--json").output)
     builtin = next(p for p in listed if p["name"] == "mmretrieve.default_plugins.encoders")
-    assert builtin["encoders"] == ["bert", "timm"] and builtin["source"] == "builtin" and builtin["version"] == __version__
+    assert builtin["encoders"] == ["bert", "timm", "hf-pair-text", "hf-pair-image"] and builtin["source"] == "builtin" and builtin["version"] == __version__
 
 
 def test_plugins_shows_a_skipped_plugin(run, builtins_only):

@@ -33,7 +33,7 @@ def test_builtins_register_bert_and_timm_through_pluggy():
     assert registry.get("bert").plugin == "mmretrieve.default_plugins.encoders"
     assert registry.get("bert").modality == "text" and registry.get("timm").modality == "image"
     record = host.records["mmretrieve.default_plugins.encoders"]
-    assert record.source == "builtin" and record.registered["encoder"] == ["bert", "timm"]
+    assert record.source == "builtin" and record.registered["encoder"] == ["bert", "timm", "hf-pair-text", "hf-pair-image"]
     # Built-ins are ordinary pluggy plugins.
     assert host.pm.has_plugin("mmretrieve.default_plugins.encoders")
 

@@ -1,4 +1,4 @@
-"""The built-in `bert` and `timm` encoders."""
+"""The built-in `bert` and `timm` encoders, and the two towers of a pretrained transformers pair."""
 
 from mmretrieve import hookimpl
 from mmretrieve.specs import EncoderSpec
@@ -21,4 +21,20 @@ def register_encoders(register):
         description="any timm architecture; preprocessing from the model's data config",
         defaults={"model_name": "resnet50", "pretrained": True},
         prefixes=("timm:",),
+    ))
+    register(EncoderSpec(
+        name="hf-pair-text",
+        modality="text",
+        factory="mmretrieve.pairs.hf:PairTextEncoder",
+        description="the text tower of a transformers CLIP, SigLIP or Chinese-CLIP checkpoint (pooled, before "
+                    "its projection)",
+        defaults={"checkpoint": "openai/clip-vit-base-patch32"},
+    ))
+    register(EncoderSpec(
+        name="hf-pair-image",
+        modality="image",
+        factory="mmretrieve.pairs.hf:PairImageEncoder",
+        description="the image tower of a transformers CLIP, SigLIP or Chinese-CLIP checkpoint (pooled, before "
+                    "its projection)",
+        defaults={"checkpoint": "openai/clip-vit-base-patch32"},
     ))

@@ -99,9 +99,12 @@ def bundle_folder(ref: str) -> Path:
 
 
 def _stamp(ref: str, identity: dict[str, Any]) -> dict[str, Any]:
+    from .. import __version__
     from ..bundle import FORMAT_VERSION
 
-    return {"ref": ref, "identity": identity, "pair_format": PAIR_FORMAT, "bundle_format": FORMAT_VERSION}
+    # mmretrieve's version too: a release may derive the preprocessing or the towers differently.
+    return {"ref": ref, "identity": identity, "pair_format": PAIR_FORMAT, "bundle_format": FORMAT_VERSION,
+            "mmretrieve_version": __version__}
 
 
 def _is_current(folder: Path, stamp: dict[str, Any]) -> bool:
