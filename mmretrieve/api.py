@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .index.builder import IndexReport, index_images, index_texts, remove_files
 from .index.search import Hit, IndexReader
+from .threads import use_policy
+
+if TYPE_CHECKING:  # the builder (and multiprocessing) load only when an index is written, not to search
+    from .index.builder import IndexReport
 
 INDEX_ROOT_ENV = "MMRETRIEVE_INDEX_ROOT"
 
@@ -50,6 +53,7 @@ class Index:
 
     def __init__(self, index_dir: str | Path, model: str | None = None, runtime: str = "auto",
                  device: str | None = None):
+        use_policy("search", keep_existing=True)  # threads: unless the application chose a policy already
         self.folder = user_path(index_dir).resolve()
         self.reader = IndexReader(self.folder, model=_model(model), runtime=runtime, device=device)
 
@@ -84,6 +88,8 @@ class Index:
         return reports
 
     def remove(self, paths: Sequence[str | Path]) -> int:
+        from .index.builder import remove_files
+
         removed = remove_files(self.folder, [user_path(path) for path in paths])
         self.reader.refresh()
         return removed
@@ -99,6 +105,7 @@ def open_index(index_dir: str | Path | None = None, model: str | None = None, ru
 
 def _index(root, folder: Path, embedder, include, exclude, captions, options: dict[str, Any]) -> IndexReport:
     """index_images with the captions file and fusion settings resolved as the CLI does."""
+    from .index.builder import index_images
     from .index.fused import item_fusion_settings
 
     fusion, weights, fusion_bundle = (options.pop(key, None) for key in ("fusion", "weights", "fusion_bundle"))
@@ -119,6 +126,7 @@ def build_index(root: str | Path, model: str, index_dir: str | Path | None = Non
     from .index.scan import check_root
     from .runtime import load_embedder
 
+    use_policy("index", keep_existing=True)
     check_root(user_path(root))  # a missing folder fails before a model is loaded
     options.update(follow_links=follow_links, prune=prune)
 
@@ -134,7 +142,10 @@ def build_index(root: str | Path, model: str, index_dir: str | Path | None = Non
 
 def build_text_index(captions_file: str | Path, model: str, index_dir: str | Path | None = None,
                      runtime: str = "auto", device: str | None = None, **options: Any) -> IndexReport:
+    from .index.builder import index_texts
     from .runtime import load_embedder
+
+    use_policy("index", keep_existing=True)
 
     return index_texts(user_path(captions_file), user_path(index_dir or default_index_dir("text")).resolve(),
                        load_embedder(_model(model), runtime, device), **options)

@@ -32,10 +32,21 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mmretrieve")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Text-to-image and image-to-text search: train, index, search, export."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    job = COMMAND_JOBS.get(ctx.invoked_subcommand or "")
+    if job:  # threads for onnxruntime, faiss, torch and decoding, chosen for the job (mmretrieve.threads)
+        from .threads import use_policy
+
+        use_policy(job)
+
+
+# The thread policy each command runs under (`serve` applies its own, with --threads).
+COMMAND_JOBS = {"search": "search", "index": "index", "embed": "embed", "eval": "eval", "export": "export",
+                "train": "train", "train-fusion": "train"}
 
 
 def echo_json(data) -> None:
@@ -538,7 +549,10 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 
         captions, strategy, source = item_fusion_settings(folder, embedder, captions_file, fusion, weights,
                                                           fusion_bundle, rebuild)
-        workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+        if workers is None:
+            from .threads import current_policy
+
+            workers = current_policy().decode_workers
         report = index_images(path, folder, embedder, include, exclude, index_type, batch_size, workers, commit_every,
                               captions, rebuild, memory_budget=_parse_size(memory_budget), fusion=strategy,
                               captions_source=source, follow_links=follow_links, prune=prune)

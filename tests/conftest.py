@@ -19,6 +19,7 @@ def fresh_plugin_host(monkeypatch):
 
     for name in (plugins.ENV_LOAD, plugins.ENV_BLOCK, plugins.ENV_STRICT):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(plugins.ENV_CACHE, "0")  # tests fake entry points; test_plugins tests the cache itself
     plugins.reset_host()
     yield
     plugins.reset_host()

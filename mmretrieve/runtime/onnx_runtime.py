@@ -3,9 +3,9 @@
 Only onnxruntime, tokenizers, NumPy and Pillow are imported here, never torch: a search
 process that embeds its queries with this runtime starts without PyTorch.
 
-Session settings come from keyword arguments or, for processes started by the CLI, from
-MMRETRIEVE_ORT_THREADS (intra-op threads; default: onnxruntime's, one per core) and
-MMRETRIEVE_ORT_OPTIMIZATION (disable, basic, extended or all; default all).
+Session settings come from keyword arguments, else MMRETRIEVE_ORT_THREADS (intra-op threads)
+and MMRETRIEVE_ORT_OPTIMIZATION (disable, basic, extended or all; default all), else the
+process's thread policy (mmretrieve.threads: intra-op threads and whether they spin-wait).
 """
 
 from __future__ import annotations
@@ -71,14 +71,21 @@ def choose_providers(ort, device: str | None, gpu_check=gpu_visible) -> list[tup
     return [(name, dict(gpu_options)) for name in installed] + [("CPUExecutionProvider", {})]
 
 
-def session_options(ort, threads: int | None = None, optimization: str | None = None):
+def session_options(ort, threads: int | None = None, optimization: str | None = None, policy=None):
+    from ..threads import current_policy
+
+    policy = policy or current_policy()
     options = ort.SessionOptions()
     threads = threads if threads is not None else os.environ.get(THREADS_ENV)
-    if threads not in (None, ""):
-        try:
-            options.intra_op_num_threads = int(threads)
-        except ValueError:
-            raise InputError(f"{THREADS_ENV} must be a whole number of threads, not {threads!r}") from None
+    if threads in (None, ""):
+        threads = policy.compute
+    try:
+        options.intra_op_num_threads = int(threads)
+    except ValueError:
+        raise InputError(f"{THREADS_ENV} must be a whole number of threads, not {threads!r}") from None
+    # Spinning threads answer the next op sooner but burn a core after each run, which an
+    # interactive query's faiss search or the decode workers then wait for (mmretrieve.threads).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if policy.spinning else "0")
     level = (optimization or os.environ.get(OPTIMIZATION_ENV) or "all").lower()
     if level not in OPTIMIZATION_LEVELS:
         raise InputError(f"the onnx graph optimisation level must be one of {OPTIMIZATION_LEVELS}, not {level!r}")

@@ -46,8 +46,6 @@ def default_compute_threads() -> int:
     """One core fewer than the process may use: the event loop, uploads and thumbnails need one.
     With every core given to torch's OpenMP pool, its spinning threads and the server's own
     threads preempt each other; on 2 cores that cut throughput by 5x (docs/serving.md)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    from ..threads import policy_for
+
+    return policy_for("serve").compute

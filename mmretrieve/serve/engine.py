@@ -176,18 +176,17 @@ class SearchEngine:
     def _open(self) -> None:
         from ..index.search import IndexReader
 
-        config = self.config
-        if config.compute_threads:
-            from ..runtime.onnx_runtime import THREADS_ENV
+        from ..threads import use_policy
 
-            os.environ.setdefault(THREADS_ENV, str(config.compute_threads))  # read when sessions are made
+        config = self.config
+        # Read when the model's sessions are made; the serve policy keeps a core for the event loop.
+        policy = use_policy("serve", threads=config.compute_threads)
         images = IndexReader(config.index_dir, model=config.model, runtime=config.runtime, device=config.device)
         if images.modality != "image":
             raise EngineUnavailable(f"{config.index_dir} is an index of {images.modality}s; --index-dir needs an "
                                     f"image index (give a caption index as --text-index-dir)")
         self.embedder = images.embedder  # loads the model now, not on the first request
-        if config.compute_threads:
-            _limit_threads(config.compute_threads)
+        _limit_threads(policy.compute)
         readers = {IMAGES: images}
         if config.text_index_dir is not None:
             texts = IndexReader(config.text_index_dir, embedder=self.embedder)

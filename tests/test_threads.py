@@ -1,0 +1,94 @@
+"""The thread policy (mmretrieve.threads): chosen per job, overridable, applied at the entry points."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmretrieve import threads
+from mmretrieve.errors import InputError
+from mmretrieve.threads import policy_for
+
+
+@pytest.fixture(autouse=True)
+def no_policy(monkeypatch):
+    for name in (threads.THREADS_ENV, threads.SPINNING_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "_CURRENT", None)
+
+
+def test_policy_per_job_on_two_cores():
+    search, index, serve, train = (policy_for(job, cores=2) for job in ("search", "index", "serve", "train"))
+    assert (search.compute, search.spinning, search.faiss_threads(1), search.faiss_threads(64)) == (2, False, 1, 2)
+    assert (index.compute, index.spinning, index.decode_workers) == (2, False, 1)
+    assert (serve.compute, serve.faiss) == (1, 1)  # one core left for the event loop
+    assert train.spinning and train.compute == 2
+    assert policy_for("index", cores=8).decode_workers == 7 and policy_for("index", cores=1).decode_workers == 1
+
+
+def test_user_settings_win(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")
+    assert policy_for("serve", cores=2).compute == 4 and policy_for("serve", cores=2).explicit
+    monkeypatch.setenv(threads.THREADS_ENV, "3")
+    assert policy_for("search", cores=2).compute == 3  # MMRETRIEVE_THREADS before OMP_NUM_THREADS
+    assert policy_for("search", cores=2, threads=1).compute == 1  # an argument before both
+    monkeypatch.setenv(threads.SPINNING_ENV, "1")
+    assert policy_for("search", cores=2).spinning
+    monkeypatch.setenv(threads.THREADS_ENV, "many")
+    with pytest.raises(InputError, match="MMRETRIEVE_THREADS must be a whole number"):
+        policy_for("search")
+
+
+def test_library_entry_point_keeps_an_applications_policy():
+    chosen = threads.use_policy("index", threads=1)
+    assert threads.use_policy("search", keep_existing=True) is chosen
+    assert threads.use_policy("search").job == "search"
+
+
+def test_onnx_sessions_follow_the_policy(monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    from mmretrieve.runtime.onnx_runtime import THREADS_ENV, session_options
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    threads.use_policy("search", threads=3)
+    options = session_options(ort)
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    threads.use_policy("eval", threads=2)
+    assert session_options(ort).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(ort, threads=1).intra_op_num_threads == 1  # an explicit argument wins
+
+
+def test_each_cli_command_runs_under_its_job():
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    for command, job in (("index", "index"), ("search", "search"), ("eval", "eval"), ("train", "train")):
+        threads._CURRENT = None
+        result = CliRunner().invoke(cli, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert threads.current_policy().job == job
+
+
+def test_flat_search_uses_one_faiss_thread_for_few_queries(monkeypatch):
+    from mmretrieve.index.faiss_lib import faiss
+    from mmretrieve.index.flat import FlatIndex
+
+    module = faiss()
+    threads.use_policy("search", threads=4)
+    index = FlatIndex(8)
+    vectors = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
+    index.add(np.arange(30, dtype=np.int64), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    module.omp_set_num_threads(4)
+    calls = []
+    real = module.omp_set_num_threads
+    monkeypatch.setattr(module, "omp_set_num_threads", lambda n: (calls.append(n), real(n)))
+    try:
+        index.search(np.eye(1, 8, dtype=np.float32), 3)
+        assert calls == [1, 4] and module.omp_get_max_threads() == 4  # one thread, then put back
+        calls.clear()
+        index.search(np.eye(32, 8, dtype=np.float32), 3)
+        assert calls == []  # a batch keeps the policy's threads
+    finally:
+        real(threads.available_cores())
