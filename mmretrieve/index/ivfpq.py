@@ -13,16 +13,30 @@ Training needs data: until ``train_size`` vectors have been added (or ``train`` 
 the index is untrained and answers exactly by scanning ``vectors.f32``. The add that reaches
 ``train_size`` trains the coarse quantiser and the PQ on a random sample of the rows so far
 and encodes them, so adding in small batches works as well as adding everything at once.
+
+Building from shards (``fill_from_shards``, what a rebuild uses): a collection too large for
+memory as float32 arrives as a sequence of shards, each loaded only when asked for. A first
+pass draws the training sample across all shards (seeded; the same rows ``train`` would pick
+from the whole collection), the quantiser and PQ are trained once, and a second pass takes one
+shard at a time: its floats are appended to ``vectors.f32`` and encoded into an IVF index of
+its own, a copy of the trained, empty one (``encode_shard``), whose inverted lists are then
+moved into this index with faiss's ``merge_from``, as autofaiss and faiss's on-disk demo build
+per-shard indexes and merge them. Only one shard of floats, the training sample and the codes
+(``m`` bytes and an id per vector) are ever in memory. ``encode_shard`` needs nothing but the
+empty trained index and the shard, so shards can also be encoded elsewhere and merged here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from ..atomic import write_npy_atomic
 from ..errors import ConfigError, InputError
+from ..progress import progress_bar
 from .base import VectorIndex, as_vectors, padding, top_k_indices
 from .faiss_lib import faiss, read_index_file, write_index_file
 from .idmap import SortedIds
@@ -48,6 +62,41 @@ EXACT_SCAN_ROWS = 65536
 def default_m(dim: int) -> int:
     """The largest divisor of ``dim`` that leaves at least 8 dimensions per sub-quantiser."""
     return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
+
+
+class Shard(Protocol):
+    """One slice of a collection, loaded only when asked for (``ids``, ``vectors``)."""
+
+    def __len__(self) -> int: ...
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def encode_shard(trained: object, rows: np.ndarray, vectors: np.ndarray) -> object:
+    """The IVF-PQ codes of one shard: a copy of the trained, empty faiss index holding ``vectors``
+    under ``rows``. Its inverted lists merge into any index sharing that training (``merge_from``)."""
+    if trained.ntotal:
+        raise ValueError("encode_shard needs the trained index while it is still empty")
+    shard = faiss().clone_index(trained)
+    shard.add_with_ids(vectors, rows)
+    return shard
+
+
+def shard_sample(shards: Sequence[Shard], size: int, seed: int = 0) -> np.ndarray:
+    """``size`` rows drawn uniformly from all ``shards`` (in order, as one collection), loading one
+    shard at a time; the rows ``IVFPQIndex.train`` would sample from the concatenation."""
+    sizes = np.array([len(shard) for shard in shards], dtype=np.int64)
+    total = int(sizes.sum())
+    picked = np.arange(total) if total <= size else np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts = []
+    for shard, start, stop in zip(shards, bounds[:-1], bounds[1:]):
+        rows = picked[np.searchsorted(picked, start):np.searchsorted(picked, stop)] - start
+        if len(rows):
+            _, vectors = shard.load()
+            parts.append(np.array(vectors[rows], dtype=np.float32))
+            del vectors
+    return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
 
 
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +139,7 @@ class IVFPQIndex(VectorIndex):
                                         self.options["nbits"], module.METRIC_INNER_PRODUCT)
         self._row_ids = np.empty(0, dtype=np.int64)  # row of vectors.f32 -> id, -1 once removed
         self._vectors = VectorFile(self.dim)
+        self._shard_template: object | None = None  # the trained, empty index, while fill_from_shards runs
 
     def _check_options(self, options: dict) -> None:
         if options["m"] is None:
@@ -147,6 +197,32 @@ class IVFPQIndex(VectorIndex):
         self._index.train(sample)
         self._encode(np.flatnonzero(self._row_ids >= 0))
 
+    def fill_from_shards(self, shards: Sequence[Shard], progress: bool = False) -> None:
+        """Add every shard to this new, empty index, holding one shard of floats at a time.
+
+        When the shards hold at least ``train_size`` vectors (and the index is untrained), it is
+        first trained on a sample drawn across all of them; each shard is then encoded on its
+        own and merged (see the module docstring). Fewer vectors than that are added as they
+        are, untrained, exactly as ``add`` would.
+        """
+        self._check_writable()
+        if len(self._row_ids):
+            raise InputError("fill_from_shards builds a new index, and this ivfpq index already holds vectors")
+        total = sum(len(shard) for shard in shards)
+        if not self.is_trained and total >= self.options["train_size"]:
+            self._index.train(shard_sample(shards, self.options["train_size"]))
+        if self.is_trained:
+            self._shard_template = faiss().clone_index(self._index)
+        try:
+            with progress_bar(total=total, desc="ivfpq: adding shards", unit="vec", disable=not progress) as bar:
+                for shard in shards:
+                    ids, vectors = shard.load()
+                    self.add(ids, vectors)
+                    bar.update(len(ids))
+                    del ids, vectors  # the next shard replaces this one, never joins it
+        finally:
+            self._shard_template = None
+
     def _sample(self, rows: np.ndarray) -> np.ndarray:
         size = self.options["train_size"]
         if len(rows) <= size:
@@ -166,7 +242,9 @@ class IVFPQIndex(VectorIndex):
         self._vectors.append(vectors)
         self._row_ids = np.concatenate([self._row_ids, ids])
         self._live.insert(ids, rows)
-        if self.is_trained:
+        if self._shard_template is not None:
+            self._index.merge_from(encode_shard(self._shard_template, rows, vectors), 0)
+        elif self.is_trained:
             self._index.add_with_ids(vectors, rows)
         elif len(self._live) >= self.options["train_size"]:
             self.train()

@@ -311,6 +311,14 @@ class IndexStore:
     def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         return self._embeddings("items")
 
+    def embedding_shards(self, rows: int, exclude: Iterable[int] = ()) -> list["EmbeddingShard"]:
+        """The published embeddings but ``exclude``, as shards of ``rows`` ids each that read their
+        vectors from SQLite only when loaded, so a rebuild holds one shard of floats at a time."""
+        ids = np.array([r[0] for r in self.db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
+        ids = ids[~np.isin(ids, np.asarray(list(exclude), dtype=np.int64))]
+        dim = int(self.manifest["embed_dim"])
+        return [EmbeddingShard(self.db, dim, ids[start:start + rows]) for start in range(0, len(ids), rows)]
+
     def _embeddings(self, table: str) -> tuple[np.ndarray, np.ndarray]:
         dim = int(self.manifest["embed_dim"])
         rows = self.db.execute(f"SELECT id, embedding FROM {table} ORDER BY id").fetchall()
@@ -413,6 +421,27 @@ class IndexStore:
         """Rewrite manifest.json (pending.json in the data folder of a pending store)."""
         target = self.data_folder / PENDING if self.pending else self.folder / MANIFEST
         write_text_atomic(target, json.dumps(self.manifest, indent=2))
+
+
+@dataclass(frozen=True)
+class EmbeddingShard:
+    """The published embeddings of ``ids`` (ascending), read from SQLite by ``load``."""
+
+    db: Any
+    dim: int
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        wanted = self.ids
+        rows = self.db.execute("SELECT id, embedding FROM items WHERE id BETWEEN ? AND ? ORDER BY id",
+                               (int(wanted[0]), int(wanted[-1]))).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        keep = np.isin(ids, wanted)
+        vectors = np.frombuffer(b"".join(r[1] for r, k in zip(rows, keep) if k), dtype=np.float32)
+        return ids[keep], vectors.reshape(int(keep.sum()), self.dim)
 
 
 def remove_stray_data(folder: Path, keep: Iterable[str]) -> list[str]:
