@@ -110,12 +110,15 @@ def hf_text_tokenizer(name: str, tokenizer_kwargs: dict[str, Any] | None = None)
     return backend
 
 
-def text_preprocessor(model_cfg: dict[str, Any]) -> TextPreprocessor:
-    """The TextPreprocessor that tokenizes as ``open_clip.get_tokenizer`` does for this config."""
+def text_preprocessor(model_cfg: dict[str, Any], tokenizer_source: str | None = None) -> TextPreprocessor:
+    """The TextPreprocessor that tokenizes as ``open_clip.get_tokenizer`` does for this config;
+    ``tokenizer_source``: where an HF tokenizer is read instead of ``hf_tokenizer_name`` (open_clip
+    reads a ``local-dir:`` model's tokenizer from its folder)."""
     text_cfg = model_cfg.get("text_cfg", {})
     length = text_context_length(model_cfg)
     name = text_cfg.get("hf_tokenizer_name")
-    tokenizer = hf_text_tokenizer(name, text_cfg.get("tokenizer_kwargs")) if name else clip_tokenizer()
+    tokenizer = hf_text_tokenizer(tokenizer_source or name, text_cfg.get("tokenizer_kwargs")) if name \
+        else clip_tokenizer()
     if not name and text_cfg.get("tokenizer_kwargs"):
         raise InputError(f"open_clip tokenizer options {text_cfg['tokenizer_kwargs']} are not supported by "
                          f"mmretrieve's open-clip plugin")

@@ -21,6 +21,7 @@ text tower is one module; open_clip converts CLIP-layout checkpoints when it loa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -35,7 +36,7 @@ from torch import nn
 
 from mmretrieve.encoders.base import Encoder
 from mmretrieve.errors import InputError
-from mmretrieve.preprocess import ImagePreprocessor, TextPreprocessor
+from mmretrieve.preprocess import ImagePreprocessor, load_preprocessor
 
 from .naming import HF_HUB, LOCAL_DIR, split_model_name
 from .preprocessing import image_config, text_preprocessor
@@ -143,6 +144,21 @@ def _linear_weight(projection) -> torch.Tensor | None:
     return None
 
 
+@contextlib.contextmanager
+def _exportable():
+    """While ONNX export traces a tower: nn.MultiheadAttention without its fused inference kernel
+    (``aten::_native_multi_head_attention``, which has no ONNX form); the same arithmetic."""
+    if not torch.onnx.is_in_onnx_export():
+        yield
+        return
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 class OpenClipTextTower(nn.Module):
     """(input_ids, attention_mask) -> pooled text features, computed as open_clip does.
 
@@ -163,7 +179,8 @@ class OpenClipTextTower(nn.Module):
         if self.context_length:
             padding = torch.full((1, self.context_length), self.pad_id, dtype=ids.dtype, device=ids.device)
             ids = torch.cat([ids, padding.expand(ids.shape[0], -1)], dim=1)[:, :self.context_length]
-        return self.text(ids)
+        with _exportable():
+            return self.text(ids)
 
 
 class OpenClipImageTower(nn.Module):
@@ -174,7 +191,8 @@ class OpenClipImageTower(nn.Module):
         self.visual = visual
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixel_values)
+        with _exportable():
+            return self.visual(pixel_values)
 
 
 def split_text_projection(text: nn.Module) -> torch.Tensor | None:
@@ -257,14 +275,15 @@ class _OpenClipEncoder(Encoder):
         self._setup(model, config, {"model_name": model_name, "weights": weights})
 
     @classmethod
-    def from_open_clip(cls, model: nn.Module, config: dict[str, Any], options: dict[str, Any]):
+    def from_open_clip(cls, model: nn.Module, config: dict[str, Any], options: dict[str, Any], preprocessor=None):
         """This tower of an open_clip model already built (a pair builds the model once). The
-        tower's modules are taken from ``model``, which should not be used afterwards."""
+        tower's modules are taken from ``model``, which should not be used afterwards.
+        ``preprocessor``: a saved one, instead of building it from the model's config."""
         encoder = cls.__new__(cls)
-        encoder._setup(model, config, dict(options))
+        encoder._setup(model, config, dict(options), preprocessor)
         return encoder
 
-    def _setup(self, model: nn.Module, config: dict[str, Any], options: dict[str, Any]) -> None:
+    def _setup(self, model: nn.Module, config: dict[str, Any], options: dict[str, Any], preprocessor=None) -> None:
         raise NotImplementedError
 
     def enable_grad_checkpointing(self) -> None:
@@ -300,7 +319,8 @@ class _OpenClipEncoder(Encoder):
         hf_dir = folder / HF_TEXT_DIR
         model = build_random(document["model_cfg"], document.get("preprocess_cfg"),
                              hf_text_dir=hf_dir if hf_dir.is_dir() else None, name=str(folder))
-        return cls.from_open_clip(model, document["model_cfg"], {k: options.get(k) for k in ("model_name", "weights")})
+        return cls.from_open_clip(model, document["model_cfg"], {k: options.get(k) for k in ("model_name", "weights")},
+                                  load_preprocessor(folder))
 
 
 class OpenClipTextEncoder(_OpenClipEncoder):
@@ -309,13 +329,17 @@ class OpenClipTextEncoder(_OpenClipEncoder):
     input_names = ("input_ids", "attention_mask")
     dynamic_axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
 
-    def _setup(self, model: nn.Module, config: dict[str, Any], options: dict[str, Any]) -> None:
+    def _setup(self, model: nn.Module, config: dict[str, Any], options: dict[str, Any], preprocessor=None) -> None:
         text = model.text
         self.projection = split_text_projection(text)
         self.model_cfg = config
         self.preprocess_cfg = {}
         self.options = options
-        preprocessor: TextPreprocessor = text_preprocessor(config)
+        if preprocessor is None:
+            # open_clip reads a local-dir model's HF tokenizer from that folder, not from the hub.
+            name = str(options.get("model_name") or "")
+            source = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else None
+            preprocessor = text_preprocessor(config, tokenizer_source=source)
         pad_id = preprocessor.tokenizer.padding["pad_id"]
         is_hf = hasattr(text, "transformer") and hasattr(text, "config")
         # HF towers mask padding themselves; open_clip's TextTransformer sees its whole context.
@@ -347,7 +371,7 @@ class OpenClipImageEncoder(_OpenClipEncoder):
     input_names = ("pixel_values",)
     dynamic_axes = {"pixel_values": {0: "batch"}}
 
-    def _setup(self, model: nn.Module, config: dict[str, Any], options: dict[str, Any]) -> None:
+    def _setup(self, model: nn.Module, config: dict[str, Any], options: dict[str, Any], preprocessor=None) -> None:
         from open_clip.model import get_model_preprocess_cfg
 
         visual = model.visual
@@ -357,7 +381,7 @@ class OpenClipImageEncoder(_OpenClipEncoder):
         self.options = options
         module = OpenClipImageTower(visual).eval()
         self.lora_targets = ("qkv", "fc1", "fc2") if hasattr(visual, "trunk") else ("c_fc", "c_proj")
-        Encoder.__init__(self, module, ImagePreprocessor(image_config(self.preprocess_cfg)), 0)
+        Encoder.__init__(self, module, preprocessor or ImagePreprocessor(image_config(self.preprocess_cfg)), 0)
         self.dim = _output_dim(module, self.example_inputs(batch=1))
 
     def _tower(self) -> nn.Module:

@@ -59,3 +59,49 @@ def photos(tmp_path_factory) -> Path:
     for name in ("chelsea", "coffee", "astronaut", "rocket"):
         Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(folder / f"{name}.png")
     return folder
+
+
+MULTILINGUAL = ["a dog runs on the beach", "un chien court sur la plage", "ein Hund läuft am Strand",
+                "一只狗在海滩上奔跑", "два кота спят на диване", "deux chats dorment sur le canapé",
+                "zwei Katzen schlafen auf dem Sofa", "两只猫在沙发上睡觉"]
+
+
+def save_tiny_xlm_roberta(folder: Path) -> Path:
+    """A 2-layer XLM-RoBERTa config and a Unigram tokenizer trained on a few sentences in five
+    languages (special tokens where XLM-R has them: <s>=0, <pad>=1, </s>=2), saved as
+    transformers saves them."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(MULTILINGUAL * 5, trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                             special_tokens=[("<s>", 0), ("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>"
+                            ).save_pretrained(folder)
+    XLMRobertaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=80, pad_token_id=1, bos_token_id=0,
+                     eos_token_id=2).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def multilingual_dir(tmp_path_factory) -> Path:
+    """An open_clip pair with an xlm-roberta text tower (mean pooling, linear projection), saved as
+    open_clip saves such a pair: config, weights and the HF tokenizer's files in one folder."""
+    import shutil
+
+    hf = save_tiny_xlm_roberta(tmp_path_factory.mktemp("tiny-xlm-roberta"))
+    config = {"embed_dim": 32, "vision_cfg": TINY_CONFIG["vision_cfg"],
+              "text_cfg": {"hf_model_name": str(hf), "hf_tokenizer_name": str(hf), "hf_pooler_type": "mean_pooler",
+                           "hf_proj_type": "linear"}}
+    folder = save_open_clip_folder(tmp_path_factory.mktemp("tiny-open-clip-xlmr"), config)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf / name, folder / name)
+    return folder
