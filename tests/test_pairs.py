@@ -224,3 +224,57 @@ def test_training_hooks_of_the_pair_towers(tiny_pairs):
             encoder.enable_grad_checkpointing()
         assert any(n.endswith(targets) for n, _ in create_encoder("hf-pair-text", checkpoint=str(tiny_pairs[kind]))
                    .module.named_modules())
+
+
+def test_concurrent_first_uses_build_the_bundle_once(tiny_pairs, tmp_path, monkeypatch):
+    """Two first uses at once: one builds, the other waits for it and reuses the bundle."""
+    import threading
+
+    from mmretrieve.bundle import read_bundle_info, resolve_model
+    from mmretrieve.pairs import hf
+
+    checkpoint = shutil.copytree(tiny_pairs["clip"], tmp_path / "ckpt")
+    builds = []
+    real = hf.pair_parts
+    monkeypatch.setattr(hf, "pair_parts", lambda *a: builds.append(a) or real(*a))
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(resolve_model(f"clip:local-dir:{checkpoint}")))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(found) == 2 and found[0] == found[1] and len(builds) == 1
+    read_bundle_info(found[0], verify=True)  # complete, every file matching its hash
+
+
+def test_preprocess_files_from_before_the_new_fields_load_unchanged(tmp_path):
+    """image_preprocess.json without resize/crop_offset and text_preprocess.json without
+    padding/pad_token (every bundle saved before pairs) mean what they meant."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from mmretrieve.preprocess import ImagePreprocessor, TextPreprocessor
+
+    (tmp_path / "image_preprocess.json").write_text(json.dumps(
+        {"size": 24, "crop_pct": 0.875, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}))
+    image = ImagePreprocessor.load(tmp_path)
+    assert (image.config.resize, image.config.crop_offset) == ("crop", "round")
+    picture = random_image(7, (91, 40))  # odd margins, where round and floor differ
+    assert image([picture])["pixel_values"].shape == (1, 3, 24, 24)
+    scale = int(24 / 0.875)
+    width = int(scale * 91 / 40)
+    left, top = int(round((width - 24) / 2.0)), int(round((scale - 24) / 2.0))  # torchvision's, not floor
+    expected = np.asarray(picture.resize((width, scale), Image.Resampling.BICUBIC).crop((left, top, left + 24,
+                                                                                          top + 24)),
+                          dtype=np.float32).transpose(2, 0, 1) / 255.0
+    assert np.array_equal(image([picture])["pixel_values"][0], (expected - 0.5) / 0.25)
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tokenizer = Tokenizer(WordLevel({"<pad>": 0, "[UNK]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "text_preprocess.json").write_text(json.dumps({"max_length": 8, "extra": {}}))
+    text = TextPreprocessor.load(tmp_path)
+    assert (text.config.padding, text.config.pad_token) == ("longest", None)
+    assert text(["a", "a b"])["input_ids"].tolist() == [[2, 0], [2, 3]]  # to the longest, with <pad>
