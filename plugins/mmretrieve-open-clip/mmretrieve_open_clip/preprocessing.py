@@ -51,11 +51,10 @@ def image_config(preprocess_cfg: dict[str, Any]) -> ImagePreprocessConfig:
     config = ImagePreprocessConfig(size=size, crop_pct=1.0, interpolation=interpolation, mean=mean, std=std)
     if mode == "shortest":  # resize the shorter side to `size` (crop_pct 1), centre-crop
         return config
-    fields = {f.name for f in dataclasses.fields(ImagePreprocessConfig)}
-    if mode == "squash" and "resize_mode" in fields:
-        return dataclasses.replace(config, resize_mode="squash")
-    raise InputError(f"open_clip's {mode!r} image resizing is not available in this mmretrieve's image "
-                     f"preprocessing; upgrade mmretrieve or choose a model that resizes the shortest side")
+    if mode == "squash":  # the whole image resized to the square (SigLIP)
+        return dataclasses.replace(config, resize="squash")
+    raise InputError(f"open_clip's {mode!r} image resizing (letterboxing) is not supported by mmretrieve's image "
+                     f"preprocessing; choose a model that resizes the shortest side or squashes")
 
 
 def text_context_length(model_cfg: dict[str, Any]) -> int:

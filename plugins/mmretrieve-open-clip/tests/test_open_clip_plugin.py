@@ -84,6 +84,7 @@ def test_tokenizer_ids_equal_open_clips():
 @pytest.mark.parametrize("preprocess_cfg", [
     {},  # open_clip's defaults: 224 px, bicubic, OpenAI mean/std, shortest side then centre crop
     {"size": 64, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    {"size": 48, "resize_mode": "squash"},  # SigLIP's: the whole image to the square
 ])
 def test_image_preprocessing_equals_open_clips_transform(photos, preprocess_cfg):
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
@@ -154,6 +155,13 @@ def test_a_checkpoint_file_of_a_named_architecture_and_the_encoder_prefixes(tmp_
     assert len(text.layer_groups()) == 4  # embeddings, 2 blocks, final norm
 
 
+def test_letterboxing_is_refused_in_one_sentence():
+    from mmretrieve_open_clip.preprocessing import image_config
+
+    with pytest.raises(InputError, match="'longest' image resizing .* is not supported"):
+        image_config({"size": 224, "resize_mode": "longest"})
+
+
 @pytest.mark.parametrize("ref, sentence", [
     ("open-clip:ViT-B-32", "names no weights"),
     ("open-clip:No-Such-Arch:some_tag", "is not an open_clip model"),
@@ -196,8 +204,14 @@ def test_index_and_search_both_directions_through_the_cli(tiny_clip_dir, photos,
 
 
 def test_open_clip_models_command_lists_pretrained_pairs():
-    result = CliRunner().invoke(cli, ["open-clip-models", "ViT-B-32"])
+    import click
+
+    from mmretrieve.plugins import get_host
+
+    group = click.Group()
+    get_host().call_each("register_commands", cli=group)  # as `mmretrieve` adds plugin commands
+    result = CliRunner().invoke(group, ["open-clip-models", "ViT-B-32"])
     assert result.exit_code == 0, result.output
     names = result.stdout.split()
     assert "open-clip:ViT-B-32:laion2b_s34b_b79k" in names and all(n.startswith("open-clip:") for n in names)
-    assert not any("coca" in n.lower() for n in CliRunner().invoke(cli, ["open-clip-models"]).stdout.split())
+    assert not any("coca" in n.lower() for n in CliRunner().invoke(group, ["open-clip-models"]).stdout.split())
