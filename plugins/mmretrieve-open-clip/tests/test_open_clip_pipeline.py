@@ -17,7 +17,7 @@ from mmretrieve.bundle import load_bundle, resolve_model
 from mmretrieve.cli import cli
 from mmretrieve.plugins import reset_host
 
-from conftest import MULTILINGUAL
+from tiny_open_clip import MULTILINGUAL
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from mmretrieve.cli import cli
 from mmretrieve.errors import InputError
 from mmretrieve.plugins import reset_host
 
-from conftest import TINY_CONFIG, save_open_clip_folder
+from tiny_open_clip import TINY_CONFIG, save_open_clip_folder
 
 TEXTS = [
     "A dog runs on the beach.",
