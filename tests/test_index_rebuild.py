@@ -17,7 +17,7 @@ from mmretrieve.bundle import resolve_model_ref, save_bundle
 from mmretrieve.errors import InputError
 from mmretrieve.index.builder import index_images, index_texts, remove_files
 from mmretrieve.index.search import IndexReader
-from mmretrieve.index.store import IndexStore, read_manifest
+from mmretrieve.index.store import FORMAT_VERSION, IndexStore, read_manifest
 from mmretrieve.runtime.torch_runtime import TorchEmbedder
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def holiday_index(messy_image_folder, tmp_path, embedder):
 
 def test_a_new_index_keeps_its_data_in_the_folder_its_manifest_names(holiday_index, embedder):
     manifest = read_manifest(holiday_index)
-    assert manifest["format_version"] == 2 and manifest["store"] == "data-000001"
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["store"] == "data-000001"
     assert data_folders(holiday_index) == ["data-000001"] and not (holiday_index / "items.sqlite").exists()
     with IndexStore.open(holiday_index, readonly=True) as store:
         assert store.data_folder == holiday_index / "data-000001"
@@ -177,12 +177,15 @@ def test_a_format_1_index_opens_updates_in_place_and_rebuilds_into_a_data_folder
     report = build(messy_image_folder / "holiday", holiday_index, embedder)
     assert (report.added, report.generation) == (1, 3)
     assert data_folders(holiday_index) == [] and (holiday_index / "items.sqlite").is_file()
-    assert read_manifest(holiday_index)["format_version"] == 1 and "store" not in read_manifest(holiday_index)
+    # Its database moved to the current layout in place (format 3); the data stay where they were.
+    manifest = read_manifest(holiday_index)
+    assert manifest["format_version"] == FORMAT_VERSION and "store" not in manifest
     assert state(holiday_index, embedder)[1] == ["b.png", "café ☕.webp", "new.png", "tall.bmp"]
 
     report = build(messy_image_folder / "holiday", holiday_index, embedder, rebuild=True)
     assert report.total == 4 and read_manifest(holiday_index)["store"] == "data-000001"
     assert not (holiday_index / "items.sqlite").exists() and not (holiday_index / "vectors").exists()
+    assert not list(holiday_index.glob("embeddings-*.f32"))
     assert state(holiday_index, embedder) == (4, ["b.png", "café ☕.webp", "new.png", "tall.bmp"])
 
 

@@ -84,7 +84,9 @@ def test_an_index_without_recorded_folders_is_never_served_from_the_filesystem_r
         assert client.get(hits["p0.png"]["file_url"]).status_code == 200  # the items' common folder
     # One item elsewhere on the disk would make that common folder `/`: then nothing is sent.
     with sqlite3.connect(database_of(index_dir)) as db:
-        db.execute("UPDATE items SET path = '/mmretrieve-elsewhere/x.png' WHERE path LIKE '%p2.png'")
+        db.execute("INSERT INTO folders (path) VALUES ('/mmretrieve-elsewhere/')")  # paths: folder + file name
+        db.execute("UPDATE items SET folder = (SELECT id FROM folders WHERE path = '/mmretrieve-elsewhere/'), "
+                   "name = 'x.png' WHERE name = 'p2.png'")
     with small_app(small_index) as client:
         refused = client.get(hits["p0.png"]["file_url"])
         assert refused.status_code == 403 and "--root" in refused.json()["error"]

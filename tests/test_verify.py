@@ -17,7 +17,7 @@ from mmretrieve.cli import cli
 from mmretrieve.errors import IndexDamagedError, InputError
 from mmretrieve.index.builder import index_images
 from mmretrieve.index.search import IndexReader
-from mmretrieve.index.store import IndexStore
+from mmretrieve.index.store import IndexStore, split_path
 from mmretrieve.index.verify import verify_index
 
 
@@ -95,7 +95,7 @@ def test_an_ivfpq_index_checks_its_reranking_vector_file(photos, tmp_path):
     report = verify_index(tmp_path / "idx")
     assert report.ok, report.lines()
     detail = {c.name: c.detail for c in report.checks}
-    assert "vectors.f32 is 12 x 12; 12 sampled rows equal SQLite's embeddings" in detail["vector file"]
+    assert "vectors.f32 is 12 x 12; 12 sampled rows equal the stored embeddings" in detail["vector file"]
     assert "row_ids.npy" in detail["files"] and "vectors.f32" in detail["files"]
 
     # Other vectors of the right size: the hash and the comparison with SQLite both notice.
@@ -104,7 +104,7 @@ def test_an_ivfpq_index_checks_its_reranking_vector_file(photos, tmp_path):
     matrix[::-1].tofile(vectors / "vectors.f32")
     problems = failed(verify_index(tmp_path / "idx"))
     assert "vectors.f32 does not match its recorded SHA-256" in problems["files"]
-    assert "sampled rows of vectors.f32 differ from SQLite's embeddings" in problems["vector file"]
+    assert "sampled rows of vectors.f32 differ from the stored embeddings" in problems["vector file"]
 
 
 def test_a_folder_saved_without_hashes_still_loads_and_verifies(index_dir):
@@ -210,7 +210,7 @@ def test_an_index_run_with_work_to_publish_remakes_damaged_vectors_from_sqlite(i
     random_image(99, size=(16, 12)).save(photos / "new.png")
     report = build(photos, index_dir)  # nothing is embedded again but the new file
     assert (report.added, report.total) == (1, 13)
-    assert "building the vectors again from the embeddings stored in SQLite" in caplog.text
+    assert "building the vectors again from the embeddings stored in the index" in caplog.text
     assert verify_index(index_dir).ok
 
 
@@ -226,12 +226,13 @@ def test_faiss_ids_and_sqlite_ids_must_agree(index_dir):
         in problems["ids"]
 
 
-def test_an_embedding_of_the_wrong_length_is_found(index_dir):
+def test_a_stored_embeddings_file_cut_short_is_found(index_dir):
     data, _ = data_folder(index_dir)
-    with sqlite3.connect(data / "items.sqlite") as db:
-        db.execute("UPDATE items SET embedding = zeroblob(40) WHERE id = (SELECT MIN(id) FROM items)")
-    db.close()
-    assert "1 of 12 stored embeddings are not 48 bytes" in failed(verify_index(index_dir))["embeddings"]
+    embeddings = next(data.glob("embeddings-*.f32"))
+    with open(embeddings, "r+b") as file:
+        file.truncate(embeddings.stat().st_size - 40)
+    assert f"1 items name rows past the end of {embeddings.name}, which holds 11" in \
+        failed(verify_index(index_dir))["embeddings"]
 
 
 # -- item 14: info counts what SQLite holds ---------------------------------------------------
@@ -390,8 +391,12 @@ def make_old(index_dir, rename=None):
     path.write_text(json.dumps(manifest))
     data, _ = data_folder(index_dir)
     with sqlite3.connect(data / "items.sqlite") as db:
-        for now, old in (rename or {}).items():
-            db.execute("UPDATE items SET path = ? WHERE path = ?", (old, now))
+        for now, old in (rename or {}).items():  # paths are a folder (interned) and a file name
+            folder, name = split_path(old)
+            db.execute("INSERT OR IGNORE INTO folders (path) VALUES (?)", (folder,))
+            db.execute("UPDATE items SET folder = (SELECT id FROM folders WHERE path = ?), name = ? "
+                       "WHERE folder = (SELECT id FROM folders WHERE path = ?) AND name = ?",
+                       (folder, name, *split_path(now)))
     db.close()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .damage import GuardedConnection
-from .store import Item, database_path, ids_by_path, items_with_ids
+from .store import Item, database_path, ids_by_path, items_with_ids, path_bounds
 
 
 class Catalogue:
@@ -36,10 +36,10 @@ class Catalogue:
 
     def common_folder(self) -> str | None:
         """The folder all items' paths share, or None for an empty index."""
-        # The common folder of all paths is that of the first and last in sorted order, and the
-        # UNIQUE index on path makes MIN and MAX two lookups, however large the index.
+        # The common folder of all paths is that of the first and last in sorted order, which
+        # the index on paths finds with a lookup per folder, however many items there are.
         with self._lock:
-            low, high = self._db.execute("SELECT MIN(path), MAX(path) FROM items").fetchone()
+            low, high = path_bounds(self._db)
         if low is None:
             return None
         return os.path.dirname(low) if low == high else os.path.commonpath([low, high])

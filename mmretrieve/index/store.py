@@ -1,25 +1,35 @@
-"""The index folder: a manifest naming the current data folder, which holds the SQLite metadata
-and embeddings and one FAISS folder per generation.
+"""The index folder: a manifest naming the current data folder, which holds the SQLite metadata,
+the embeddings and one FAISS folder per generation.
 
     manifest.json              format and versions, model, dimension, metric, index type, and
                                ``store``: the name of the current data folder
-    data-NNNNNN/items.sqlite   items (path, size, mtime, sha256, width, height, captions, embedding),
-                               staged rows of a run not yet published, files that failed to read,
+    data-NNNNNN/items.sqlite   items (folder, file name, size, mtime, sha256, width, height,
+                               captions, the slot of their embedding), staged rows of a run not
+                               yet published (with their embeddings), files that failed to read,
                                and the published generation, index type and options
+    data-NNNNNN/embeddings-NNNNNN.f32  the published items' embeddings (``embeddings.py``)
     data-NNNNNN/vectors/gen-N/ the FAISS index of generation N
 
-Publishing a generation writes its FAISS folder first, then commits one SQLite transaction
-that moves staged rows in, drops vanished ones and records N; the manifest's copies of the
-generation and counts are a cache rewritten after (and repaired by the next writer). Readers
-take the generation from SQLite, so they see the last complete state and nothing else. A run
-that dies leaves its staged rows behind, and the next run picks them up.
+Publishing a generation writes its FAISS folder first, then appends the staged embeddings to
+the embeddings file (synced), then commits one SQLite transaction that moves staged rows in,
+drops vanished ones and records N; the manifest's copies of the generation and counts are a
+cache rewritten after (and repaired by the next writer). Readers take the generation from
+SQLite, so they see the last complete state and nothing else. A run that dies leaves its
+staged rows behind, and the next run picks them up.
+
+Every lookup a run makes per batch goes through an index of the tables (an item by id, or by
+folder and file name), so staging a batch costs the same in an index of a thousand items and
+of a million; whole-table reads happen once per run (``known_files``) or when FAISS is built
+anew. Paths are stored as a folder (``folders``, each once) and a file name.
 
 A new index and ``--rebuild`` fill a fresh data folder that no manifest names yet (it is
 *pending*, described by its own ``pending.json``); one rename of ``manifest.json`` makes it
 current, and the data folder it replaces is deleted after. Readers that still have the old
 one open keep their file handles; ``IndexReader.refresh`` moves to the new one. An index
 written before data folders existed (format 1, no ``store``) keeps its data in the index
-folder itself and is read and updated there.
+folder itself and is read and updated there. A database in the layout before format 3 (paths
+and embeddings in each row) is read as it is and migrated in place, in one transaction, by
+the next process that writes to it.
 """
 
 from __future__ import annotations
@@ -39,9 +49,13 @@ from ..atomic import write_text_atomic
 from ..errors import InputError
 from ..formats import read_folder_manifest
 from .damage import GuardedConnection, index_damaged
+from .embeddings import NAME as _EMBEDDINGS_NAME, EmbeddingFile, file_name, file_number, write_rows
 
 FORMAT = "mmretrieve-index"
-FORMAT_VERSION = 2  # 2: data in the folder named by "store"; 1 (no "store"): in the index folder itself
+# 3: the database layout of SCHEMA (folders interned, embeddings in a file beside it);
+# 2: data in the folder named by "store"; 1 (no "store"): in the index folder itself.
+FORMAT_VERSION = 3
+SCHEMA_VERSION = 3  # PRAGMA user_version of a database in SCHEMA's layout (0: the layout before)
 MANIFEST = "manifest.json"
 DATABASE = "items.sqlite"
 VECTORS = "vectors"
@@ -49,21 +63,30 @@ PENDING = "pending.json"  # in a data folder being built: the manifest it will p
 LEGACY_STORE = "."  # a format-1 index keeps its data in the index folder itself
 _DATA_NAME = re.compile(r"data-(\d{6})")
 
-SCHEMA = """
+# The columns an item row has besides its id and path (folder + name).
+_FIELDS = "size INTEGER, mtime_ns INTEGER, sha256 BLOB, width INTEGER, height INTEGER, captions TEXT, text TEXT, " \
+          "image TEXT"
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS folders (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER, mtime_ns INTEGER, sha256 TEXT,
-    width INTEGER, height INTEGER, captions TEXT, text TEXT, image TEXT, embedding BLOB NOT NULL);
+    id INTEGER PRIMARY KEY, folder INTEGER NOT NULL, name TEXT NOT NULL, {_FIELDS}, slot INTEGER NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS items_by_path ON items (folder, name);
 CREATE TABLE IF NOT EXISTS staged (
-    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER, mtime_ns INTEGER, sha256 TEXT,
-    width INTEGER, height INTEGER, captions TEXT, text TEXT, image TEXT, embedding BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT);
-CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
+    id INTEGER PRIMARY KEY, folder INTEGER NOT NULL, name TEXT NOT NULL, {_FIELDS}, embedding BLOB NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS staged_by_path ON staged (folder, name);
+CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 """
 COLUMNS = ("id", "path", "size", "mtime_ns", "sha256", "width", "height", "captions", "text", "image")
+_VALUES = COLUMNS[2:]  # stored as they are (sha256 as 32 bytes where it is a SHA-256 in hex)
 # What a pending data folder must share with a run for that run to carry on filling it.
-TABLES = ("items", "staged", "failures", "info")  # what SCHEMA makes; every index has had them all
+TABLES = ("items", "staged", "failures", "info")  # tables every layout has had
 MODALITIES = ("image", "text")  # what an index's items are
 _RESUME_KEYS = ("modality", "model", "embed_dim", "query_padding", "fusion", "building")
+EMBEDDINGS_KEY = "embeddings"  # info: the embeddings file of the published items
+# Compact the embeddings file when the rows no item names (replaced, removed) outnumber the
+# items and this many: rewriting costs O(items) once per O(items) changes.
+COMPACT_MIN_ROWS = 4096
 
 
 @dataclass
@@ -87,7 +110,28 @@ def row_to_item(row: tuple) -> Item:
     """An Item from a row of ``COLUMNS``."""
     values = dict(zip(COLUMNS, row))
     values["captions"] = json.loads(values["captions"]) if values["captions"] else None
+    values["sha256"] = _sha_text(values["sha256"])
     return Item(**values)
+
+
+def _sha_blob(sha256: str | None) -> bytes | str | None:
+    """A SHA-256 in hex as its 32 bytes (anything else as it is)."""
+    if isinstance(sha256, str) and len(sha256) == 64:
+        try:
+            return bytes.fromhex(sha256)
+        except ValueError:
+            pass
+    return sha256
+
+
+def _sha_text(value: bytes | str | None) -> str | None:
+    return value.hex() if isinstance(value, bytes) else value
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """(folder with its trailing "/", file name): ``folder + name == path``."""
+    cut = path.rfind("/") + 1
+    return path[:cut], path[cut:]
 
 
 def store_name(manifest: dict[str, Any], folder: Path) -> str:
@@ -110,28 +154,66 @@ def database_path(folder: Path) -> Path:
     return folder / store_name(read_manifest(folder), folder) / DATABASE
 
 
-_PARAMETERS = 500  # values per IN (...): SQLite bounds the parameters of one statement
+# -- the item queries (IndexStore, the serve catalogue and verify use these) -----------------
+_PARAMETERS = 500  # values per statement: SQLite bounds the parameters of one statement
+
+
+def layout(db) -> int:
+    """The database's layout: ``SCHEMA_VERSION``, or 0 for the layout before it (a path and an
+    embedding in each row), which is read as it is until a writer migrates it."""
+    return SCHEMA_VERSION if int(db.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION else 0
+
+
+def _item_select(db) -> str:
+    if layout(db):
+        return (f"SELECT i.id, f.path || i.name, {', '.join('i.' + c for c in _VALUES)} "
+                f"FROM items i JOIN folders f ON f.id = i.folder")
+    return f"SELECT {', '.join(COLUMNS)} FROM items i"
 
 
 def items_with_ids(db, ids: Iterable[int]) -> dict[int, Item]:
     """{id: Item} of the published items among ``ids`` (``db``: a connection to an index database)."""
     ids = list(dict.fromkeys(int(i) for i in ids))
+    select = _item_select(db)
     found: dict[int, Item] = {}
     for start in range(0, len(ids), _PARAMETERS):
         chunk = ids[start:start + _PARAMETERS]
-        rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        rows = db.execute(f"{select} WHERE i.id IN ({','.join('?' * len(chunk))})", chunk)
         found.update((row[0], row_to_item(row)) for row in rows)
     return found
 
 
-def ids_by_path(db, paths: Iterable[str]) -> dict[str, int]:
-    """{path: id} of the published items among ``paths``."""
+def ids_by_path(db, paths: Iterable[str], table: str = "items") -> dict[str, int]:
+    """{path: id} of the published items (or ``table``'s rows) among ``paths``: one indexed
+    lookup per path, in statements of a few hundred."""
     paths = list(dict.fromkeys(paths))
     found: dict[str, int] = {}
-    for start in range(0, len(paths), _PARAMETERS):
-        chunk = paths[start:start + _PARAMETERS]
-        found.update(db.execute(f"SELECT path, id FROM items WHERE path IN ({','.join('?' * len(chunk))})", chunk))
+    if not layout(db):
+        for start in range(0, len(paths), _PARAMETERS):
+            chunk = paths[start:start + _PARAMETERS]
+            found.update(db.execute(f"SELECT path, id FROM {table} WHERE path IN ({','.join('?' * len(chunk))})",
+                                    chunk))
+        return found
+    pairs = _PARAMETERS // 2
+    for start in range(0, len(paths), pairs):
+        chunk = [part for path in paths[start:start + pairs] for part in split_path(path)]
+        wanted = ",".join(["(?, ?)"] * (len(chunk) // 2))
+        found.update(db.execute(
+            f"WITH wanted(folder, name) AS (VALUES {wanted}) "
+            f"SELECT w.folder || w.name, t.id FROM wanted w JOIN folders f ON f.path = w.folder "
+            f"JOIN {table} t ON t.folder = f.id AND t.name = w.name", chunk))
     return found
+
+
+def path_bounds(db) -> tuple[str | None, str | None]:
+    """The smallest and largest item path (None, None for an empty index), from the index on
+    paths: one lookup per folder, however many items."""
+    if not layout(db):
+        return tuple(db.execute("SELECT MIN(path), MAX(path) FROM items").fetchone())
+    # Within a folder the smallest path has the smallest name; across folders, compare those.
+    return tuple(db.execute(
+        "SELECT MIN(f.path || (SELECT MIN(name) FROM items WHERE folder = f.id)), "
+        "MAX(f.path || (SELECT MAX(name) FROM items WHERE folder = f.id)) FROM folders f").fetchone())
 
 
 class IndexStore:
@@ -160,9 +242,18 @@ class IndexStore:
                                         timeout=30)
             return
         self.db = GuardedConnection(self.folder, database, timeout=30)
-        self.db.executescript(SCHEMA)
+        tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "items" not in tables:  # a new database: pages freed by publishing go back to the system
+            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
         self.db.execute("PRAGMA synchronous=NORMAL")
+        if "items" in tables and not layout(self.db):
+            self._migrate()
+        else:
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.manifest["format_version"] = FORMAT_VERSION  # the layout it has now (written with the manifest)
+        self._remove_stray_embeddings()
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -285,17 +376,31 @@ class IndexStore:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------
+    def _path_from(self, table: str) -> tuple[str, str]:
+        """(the expression of a row's full path, the FROM clause) for rows ``t`` of ``table``, in either layout."""
+        if layout(self.db):
+            return "f.path || t.name", f"{table} t JOIN folders f ON f.id = t.folder"
+        return "t.path", f"{table} t"
+
+    def _select_paths(self, table: str, columns: str) -> str:
+        """SELECT of each row's full path and ``columns`` (of alias ``t``)."""
+        path, source = self._path_from(table)
+        return f"SELECT {path}, {columns} FROM {source}"
+
     def known_files(self) -> dict[str, tuple[int, int, str | None]]:
         """Published and staged files: {path: (size, mtime_ns, sha256)}; staged wins (newer)."""
-        known = {p: (s, m, h) for p, s, m, h in self.db.execute("SELECT path, size, mtime_ns, sha256 FROM items")}
-        known.update({p: (s, m, h) for p, s, m, h in self.db.execute("SELECT path, size, mtime_ns, sha256 FROM staged")})
+        known: dict[str, tuple[int, int, str | None]] = {}
+        for table in ("items", "staged"):
+            for path, size, mtime_ns, sha256 in self.db.execute(
+                    self._select_paths(table, "t.size, t.mtime_ns, t.sha256")):
+                known[path] = (size, mtime_ns, _sha_text(sha256))
         return known
 
     def captions_by_path(self) -> dict[str, list[str] | None]:
         """Published and staged items' captions (staged wins, as in ``known_files``)."""
         stored: dict[str, list[str] | None] = {}
         for table in ("items", "staged"):
-            for path, captions in self.db.execute(f"SELECT path, captions FROM {table}"):
+            for path, captions in self.db.execute(self._select_paths(table, "t.captions")):
                 stored[path] = json.loads(captions) if captions else None
         return stored
 
@@ -308,18 +413,90 @@ class IndexStore:
     def item_ids_for_paths(self, paths: Iterable[str]) -> list[int]:
         return list(ids_by_path(self.db, paths).values())
 
+    def embedding_file(self) -> EmbeddingFile:
+        """The file that holds the published items' embeddings (format 3)."""
+        name = self._info(EMBEDDINGS_KEY) or file_name(1)
+        return EmbeddingFile(self.data_folder / name, int(self.manifest["embed_dim"]))
+
     def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._embeddings("items")
+        """Every published item's id and embedding, by id."""
+        if not layout(self.db):
+            return self._embeddings("items")
+        ids, slots = self._slots("SELECT id, slot FROM items ORDER BY id")
+        return ids, self._read_embeddings(slots)
+
+    def embeddings_of(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """{id: embedding} of the published items among ``ids`` (one that is not ``embed_dim``
+        float32s, in an index from before format 3, is left out)."""
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        dim = int(self.manifest["embed_dim"])
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(ids), _PARAMETERS):
+            chunk = ids[start:start + _PARAMETERS]
+            marks = ",".join("?" * len(chunk))
+            if layout(self.db):
+                found, slots = self._slots(f"SELECT id, slot FROM items WHERE id IN ({marks}) ORDER BY id", chunk)
+                out.update(zip(found.tolist(), self._read_embeddings(slots)))
+            else:
+                for id_, blob in self.db.execute(f"SELECT id, embedding FROM items WHERE id IN ({marks})", chunk):
+                    if len(blob) == 4 * dim:
+                        out[id_] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def embedding_problems(self) -> tuple[int, list[str]]:
+        """(embeddings stored, what is wrong with them): every staged embedding is ``embed_dim``
+        float32s, and every published item names a row of the embeddings file, a row of its own."""
+        dim = int(self.manifest["embed_dim"])
+        expected = 4 * dim
+        problems = []
+        tables = ("staged",) if layout(self.db) else ("items", "staged")
+        wrong, example = 0, None
+        for table in tables:
+            path, source = self._path_from(table)
+            count, path = self.db.execute(f"SELECT COUNT(*), MIN({path}) FROM {source} WHERE length(t.embedding) != ?",
+                                          (expected,)).fetchone()
+            wrong += count
+            example = example or path
+        total = self.count() + self.count("staged")
+        if wrong:
+            problems.append(f"{wrong:,} of {total:,} stored embeddings are not {expected} bytes ({dim} float32s), "
+                            f"e.g. the one of {example}")
+        if layout(self.db):
+            vectors = self.embedding_file()
+            rows = vectors.rows
+            outside, first = self.db.execute("SELECT COUNT(*), MIN(id) FROM items WHERE slot < 0 OR slot >= ?",
+                                             (rows,)).fetchone()
+            if outside:
+                problems.append(f"{outside:,} items name rows past the end of {vectors.path.name}, which holds "
+                                f"{rows:,} (e.g. item {first})")
+            shared = self.db.execute("SELECT COUNT(*) FROM (SELECT slot FROM items GROUP BY slot "
+                                     "HAVING COUNT(*) > 1)").fetchone()[0]
+            if shared:
+                problems.append(f"{shared:,} rows of {vectors.path.name} are named by more than one item")
+        return total, problems
+
+    def _slots(self, query: str, parameters: Iterable = ()) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.array(self.db.execute(query, list(parameters)).fetchall(), dtype=np.int64).reshape(-1, 2)
+        return rows[:, 0], rows[:, 1]
+
+    def _read_embeddings(self, slots: np.ndarray) -> np.ndarray:
+        vectors = self.embedding_file()
+        try:
+            return vectors.read(slots)
+        except (OSError, ValueError) as exc:
+            problem = f"{vectors.path.name} is missing" if isinstance(exc, FileNotFoundError) else str(exc)
+            raise index_damaged(self.folder, f"the stored embeddings cannot be read ({problem})",
+                                self.manifest) from exc
 
     def embedding_shards(self, rows: int, exclude: Iterable[int] = ()) -> list["EmbeddingShard"]:
         """The published embeddings but ``exclude``, as shards of ``rows`` ids each that read their
-        vectors from SQLite only when loaded, so a rebuild holds one shard of floats at a time."""
+        vectors only when loaded, so a rebuild holds one shard of floats at a time."""
         ids = np.array([r[0] for r in self.db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
         ids = ids[~np.isin(ids, np.asarray(list(exclude), dtype=np.int64))]
-        dim = int(self.manifest["embed_dim"])
-        return [EmbeddingShard(self.db, dim, ids[start:start + rows]) for start in range(0, len(ids), rows)]
+        return [EmbeddingShard(self, ids[start:start + rows]) for start in range(0, len(ids), rows)]
 
     def _embeddings(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and embeddings stored in the rows of ``table`` (staged rows; published ones before format 3)."""
         dim = int(self.manifest["embed_dim"])
         rows = self.db.execute(f"SELECT id, embedding FROM {table} ORDER BY id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -331,24 +508,44 @@ class IndexStore:
 
     # -- writing ---------------------------------------------------------------------------
     def next_ids(self, count: int) -> list[int]:
-        row = self.db.execute("SELECT MAX(id) FROM (SELECT id FROM items UNION ALL SELECT id FROM staged)").fetchone()
-        start = (row[0] or 0) + 1
-        return list(range(start, start + count))
+        # MAX of an INTEGER PRIMARY KEY is one step down its b-tree (a UNION of the two is not).
+        top = max(self.db.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0 for table in ("items", "staged"))
+        return list(range(top + 1, top + 1 + count))
+
+    def _folder_ids(self, folders: Iterable[str]) -> dict[str, int]:
+        """{folder: id}, adding the folders not recorded yet (call inside the transaction that uses them)."""
+        folders = list(dict.fromkeys(folders))
+        found: dict[str, int] = {}
+        for start in range(0, len(folders), _PARAMETERS):
+            chunk = folders[start:start + _PARAMETERS]
+            found.update(self.db.execute(f"SELECT path, id FROM folders WHERE path IN ({','.join('?' * len(chunk))})",
+                                         chunk))
+        for folder in folders:
+            if folder not in found:
+                found[folder] = self.db.execute("INSERT INTO folders (path) VALUES (?)", (folder,)).lastrowid
+        return found
 
     def stage(self, items: list[Item], embeddings: np.ndarray) -> None:
-        """Record embedded items (durably) without publishing them."""
-        existing = {path: id_ for path, id_ in self.db.execute("SELECT path, id FROM items")} if items else {}
+        """Record embedded items (durably) without publishing them. Looks up only these items'
+        paths, through the index on them, so a batch costs the same in a small and a large index."""
+        if not items:
+            return
+        # A changed file keeps its id, so the FAISS update is a replace.
+        existing = ids_by_path(self.db, [item.path for item in items])
         fresh = iter(self.next_ids(len(items)))
-        rows = []
-        for item, vector in zip(items, embeddings.astype(np.float32)):
-            # A changed file keeps its id, so the FAISS update is a replace.
+        for item in items:
             item.id = existing.get(item.path) or next(fresh)
-            rows.append((item.id, item.path, item.size, item.mtime_ns, item.sha256, item.width, item.height,
-                         json.dumps(item.captions) if item.captions else None, item.text, item.image,
-                         vector.tobytes()))
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
         with self.db:
-            self.db.executemany(f"INSERT OR REPLACE INTO staged ({', '.join(COLUMNS)}, embedding) "
-                                f"VALUES ({', '.join('?' * (len(COLUMNS) + 1))})", rows)
+            folders = self._folder_ids(split_path(item.path)[0] for item in items)
+            rows = []
+            for item, vector in zip(items, vectors):
+                folder, name = split_path(item.path)
+                rows.append((item.id, folders[folder], name, item.size, item.mtime_ns, _sha_blob(item.sha256),
+                             item.width, item.height, json.dumps(item.captions) if item.captions else None,
+                             item.text, item.image, vector.tobytes()))
+            self.db.executemany(f"INSERT OR REPLACE INTO staged (id, folder, name, {', '.join(_VALUES)}, embedding) "
+                                f"VALUES ({', '.join('?' * (len(_VALUES) + 4))})", rows)
             self.db.executemany("DELETE FROM failures WHERE path = ?", [(i.path,) for i in items])
 
     def record_failures(self, failures: list[tuple[str, int, int, str]]) -> None:
@@ -360,37 +557,131 @@ class IndexStore:
         with self.db:
             self.db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
 
+    # A row of ``table`` by path: the folder's id through its index, then (folder, name) through the table's.
+    _BY_PATH = "folder = (SELECT id FROM folders WHERE path = ?) AND name = ?"
+
     def touch(self, updates: list[tuple[int, int, str]]) -> None:
         """Same content, new mtime: (size, mtime_ns, path)."""
         with self.db:
-            self.db.executemany("UPDATE items SET size = ?, mtime_ns = ? WHERE path = ?", updates)
+            self.db.executemany(f"UPDATE items SET size = ?, mtime_ns = ? WHERE {self._BY_PATH}",
+                                [(size, mtime_ns, *split_path(path)) for size, mtime_ns, path in updates])
 
     def set_captions(self, updates: list[tuple[list[str] | None, str]]) -> None:
         """New captions for indexed items whose vectors do not depend on them: (captions, path)."""
         with self.db:
             for table in ("items", "staged"):
-                self.db.executemany(f"UPDATE {table} SET captions = ? WHERE path = ?",
-                                    [(json.dumps(c) if c else None, p) for c, p in updates])
+                self.db.executemany(f"UPDATE {table} SET captions = ? WHERE {self._BY_PATH}",
+                                    [(json.dumps(c) if c else None, *split_path(p)) for c, p in updates])
 
     def staged(self) -> tuple[np.ndarray, np.ndarray]:
         return self._embeddings("staged")
 
     def publish(self, generation: int, removed_paths: list[str], index_type: str, index_options: dict[str, Any],
                 requested_index_type: str | None = None) -> None:
-        """Make generation N current: staged rows in, removed paths out, N and its FAISS index
-        type recorded, in one transaction; then the manifest's cached copies follow."""
+        """Make generation N current: the staged embeddings appended to the embeddings file
+        (synced), then staged rows in, removed paths out, N and its FAISS index type recorded,
+        in one transaction; then the manifest's cached copies follow. Costs what changed: no
+        statement reads the published rows that stay as they are."""
         requested = requested_index_type or self.manifest.get("requested_index_type", "auto")
+        staged_ids, staged_vectors = self.staged()
+        vectors = self.embedding_file()
+        first = vectors.append(staged_vectors) if len(staged_ids) else 0
         with self.db:
-            self.db.execute(f"INSERT OR REPLACE INTO items ({', '.join(COLUMNS)}, embedding) "
-                            f"SELECT {', '.join(COLUMNS)}, embedding FROM staged")
+            # Staged rows in id order take the rows appended for them, from ``first`` on.
+            self.db.execute(f"INSERT OR REPLACE INTO items (id, folder, name, {', '.join(_VALUES)}, slot) "
+                            f"SELECT id, folder, name, {', '.join(_VALUES)}, "
+                            f"? + row_number() OVER (ORDER BY id) - 1 FROM staged ORDER BY id", (first,))
             self.db.execute("DELETE FROM staged")
-            self.db.executemany("DELETE FROM items WHERE path = ?", [(p,) for p in removed_paths])
+            self.db.executemany(f"DELETE FROM items WHERE {self._BY_PATH}", [split_path(p) for p in removed_paths])
             self.db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in removed_paths])
             self.db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
                                 [("generation", str(generation)), ("index_type", index_type),
-                                 ("index_options", json.dumps(index_options)), ("requested_index_type", requested)])
+                                 ("index_options", json.dumps(index_options)), ("requested_index_type", requested),
+                                 (EMBEDDINGS_KEY, vectors.path.name)])
+        self._compact_embeddings()
+        # The pages the staged rows took go back to the system. Each page freed is a step of the
+        # pragma, and execute() takes only the first step of a statement without columns.
+        self.db.executescript("PRAGMA incremental_vacuum;")
         self.manifest["updated"] = _now()
         self.sync_manifest(force=True)
+
+    def _compact_embeddings(self) -> None:
+        """Rewrite the embeddings file without the rows no item names, once they outnumber the
+        items (and ``COMPACT_MIN_ROWS``): a new file, synced, then one transaction that renumbers
+        the slots and names it; the old file is deleted after."""
+        old = self.embedding_file()
+        live = self.count()
+        if old.rows - live <= max(live, COMPACT_MIN_ROWS):
+            return
+        ids, slots = self._slots("SELECT id, slot FROM items ORDER BY slot")
+        new = self.data_folder / file_name(file_number(old.path.name) + 1)
+        chunk = 65_536
+        write_rows(new, (old.read(slots[start:start + chunk]) for start in range(0, len(slots), chunk)), old.dim)
+        with self.db:
+            self.db.executemany("UPDATE items SET slot = ? WHERE id = ?", zip(range(len(ids)), ids.tolist()))
+            self.db.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (EMBEDDINGS_KEY, new.name))
+        old.path.unlink(missing_ok=True)
+
+    def _remove_stray_embeddings(self) -> None:
+        """Embeddings files the database does not name (a compaction or migration killed midway)."""
+        keep = self.embedding_file().path.name
+        for path in self.data_folder.glob("embeddings-*.f32"):
+            if path.name != keep and _EMBEDDINGS_NAME.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+
+    def _migrate(self) -> None:
+        """Bring a database of the layout before format 3 (a path and an embedding in every row)
+        to SCHEMA's, in place: the published embeddings are copied to a new embeddings file
+        (synced) first, then one transaction rebuilds the tables, so a kill at any point leaves
+        either the old layout, whole, or the new one; then VACUUM returns the freed pages."""
+        dim = int(self.manifest["embed_dim"])
+        self.db.commit()
+        for path in self.data_folder.glob("embeddings-*.f32"):  # left by a migration killed before its commit
+            if _EMBEDDINGS_NAME.fullmatch(path.name):
+                path.unlink()
+        target = self.data_folder / file_name(1)
+
+        def published():
+            cursor = self.db.execute("SELECT id, path, embedding FROM items ORDER BY id")
+            while rows := cursor.fetchmany(10_000):
+                wrong = next((path for _, path, blob in rows if len(blob) != 4 * dim), None)
+                if wrong is not None:
+                    raise index_damaged(self.folder, f"the stored embedding of {wrong} is not {dim} float32s",
+                                        self.manifest)
+                yield np.frombuffer(b"".join(blob for _, _, blob in rows), dtype=np.float32).reshape(-1, dim)
+
+        write_rows(target, published(), dim)
+        columns = ", ".join(_VALUES)
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for table in ("items", "staged"):
+                self.db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+            for statement in SCHEMA.strip().split(";\n"):
+                if "failures" not in statement and "info" not in statement:
+                    self.db.execute(statement)
+            for table, last in (("items", "slot"), ("staged", "embedding")):
+                cursor = self.db.execute(f"SELECT id, path, {columns}, "
+                                         f"{'embedding' if table == 'staged' else 'NULL'} FROM old_{table} ORDER BY id")
+                slot = 0
+                while rows := cursor.fetchmany(10_000):
+                    folders = self._folder_ids(split_path(row[1])[0] for row in rows)
+                    converted = []
+                    for row in rows:
+                        folder, name = split_path(row[1])
+                        values = list(row[2:-1])
+                        values[_VALUES.index("sha256")] = _sha_blob(values[_VALUES.index("sha256")])
+                        last_value = slot if table == "items" else row[-1]  # published: the row written above
+                        converted.append((row[0], folders[folder], name, *values, last_value))
+                        slot += 1
+                    self.db.executemany(f"INSERT INTO {table} (id, folder, name, {columns}, {last}) "
+                                        f"VALUES ({', '.join('?' * (len(_VALUES) + 4))})", converted)
+                self.db.execute(f"DROP TABLE old_{table}")
+            self.db.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (EMBEDDINGS_KEY, target.name))
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect with the VACUUM
+        self.db.execute("VACUUM")
+        self.manifest["format_version"] = FORMAT_VERSION
+        self.write_manifest()  # readers of an older mmretrieve are told to upgrade, not that it is damaged
 
     def set_requested_index_type(self, requested: str) -> None:
         """Record the index type asked for, without a new generation (the published one already is it)."""
@@ -425,23 +716,29 @@ class IndexStore:
 
 @dataclass(frozen=True)
 class EmbeddingShard:
-    """The published embeddings of ``ids`` (ascending), read from SQLite by ``load``."""
+    """The published embeddings of ``ids`` (ascending), read by ``load``."""
 
-    db: Any
-    dim: int
+    store: IndexStore
     ids: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        wanted = self.ids
-        rows = self.db.execute("SELECT id, embedding FROM items WHERE id BETWEEN ? AND ? ORDER BY id",
-                               (int(wanted[0]), int(wanted[-1]))).fetchall()
-        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        wanted, store = self.ids, self.store
+        if not len(wanted):
+            return wanted, np.empty((0, int(store.manifest["embed_dim"])), dtype=np.float32)
+        bounds = (int(wanted[0]), int(wanted[-1]))
+        if not layout(store.db):
+            rows = store.db.execute("SELECT id, embedding FROM items WHERE id BETWEEN ? AND ? ORDER BY id",
+                                    bounds).fetchall()
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            keep = np.isin(ids, wanted)
+            vectors = np.frombuffer(b"".join(r[1] for r, k in zip(rows, keep) if k), dtype=np.float32)
+            return ids[keep], vectors.reshape(int(keep.sum()), int(store.manifest["embed_dim"]))
+        ids, slots = store._slots("SELECT id, slot FROM items WHERE id BETWEEN ? AND ? ORDER BY id", bounds)
         keep = np.isin(ids, wanted)
-        vectors = np.frombuffer(b"".join(r[1] for r, k in zip(rows, keep) if k), dtype=np.float32)
-        return ids[keep], vectors.reshape(int(keep.sum()), self.dim)
+        return ids[keep], store._read_embeddings(slots[keep])
 
 
 def remove_stray_data(folder: Path, keep: Iterable[str]) -> list[str]:
@@ -455,7 +752,8 @@ def remove_stray_data(folder: Path, keep: Iterable[str]) -> list[str]:
             shutil.rmtree(data, ignore_errors=True)
             removed.append(data.name)
     if LEGACY_STORE not in keep:
-        legacy = [folder / name for name in (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm")]
+        legacy = [folder / name for name in (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm")] + \
+            [path for path in folder.glob("embeddings-*.f32") if _EMBEDDINGS_NAME.fullmatch(path.name)]
         if any(path.exists() for path in legacy) or (folder / VECTORS).is_dir():
             for path in legacy:
                 path.unlink(missing_ok=True)

@@ -1,11 +1,12 @@
 """`mmretrieve info INDEX --verify`: check every part of an index folder against the others.
 
 The manifest parses and is of our format; SQLite opens and passes ``PRAGMA quick_check``; the
+stored embeddings are whole (each item names a row of the embeddings file); the
 published generation's vector folder exists and its files match the sizes and SHA-256 hashes
 its ``index.json`` recorded; the FAISS index loads, holds as many vectors as SQLite holds items
 and under the same ids; every stored embedding has the length the dimension says; and the
-re-ranking vector file of an IVF-PQ index has the shape its row table says and the vectors
-SQLite holds. Nothing is written: the database is opened read-only.
+re-ranking vector file of an IVF-PQ index has the shape its row table says and holds the
+stored embeddings. Nothing is written: the database is opened read-only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from ..errors import IndexDamagedError, MMRetrieveError
 from .damage import index_damaged, rebuild_command, relative_to as _relative
 
-# Rows of the re-ranking vector file compared with SQLite's embeddings (spread over the file).
+# Rows of the re-ranking vector file compared with the stored embeddings (spread over the file).
 VECTOR_FILE_SAMPLE = 1024
 # A stored vector equals the embedding it came from; only float noise is allowed.
 VECTOR_TOLERANCE = 1e-6
@@ -164,20 +165,13 @@ def _check_database(store, where: str, checks: _Checks) -> bool:
 
 
 def _check_embeddings(store, dim: int, checks: _Checks) -> None:
-    """Every embedding blob (published and staged) holds ``dim`` float32s."""
-    expected = 4 * dim
-    wrong, example = 0, None
-    for table in ("items", "staged"):
-        count, path = store.db.execute(f"SELECT COUNT(*), MIN(path) FROM {table} WHERE length(embedding) != ?",
-                                       (expected,)).fetchone()
-        wrong += count
-        example = example or path
-    total = store.count() + store.count("staged")
-    if wrong:
-        checks.add("embeddings", False, f"{wrong:,} of {total:,} stored embeddings are not {expected} bytes "
-                                        f"({dim} float32s), e.g. the one of {example}")
+    """Every stored embedding holds ``dim`` float32s, and every item names a row of its own in
+    the embeddings file (``IndexStore.embedding_problems``)."""
+    total, problems = store.embedding_problems()
+    if problems:
+        checks.add("embeddings", False, "; ".join(problems))
     else:
-        checks.add("embeddings", True, f"{total:,} stored, each of {expected} bytes: {dim} float32s")
+        checks.add("embeddings", True, f"{total:,} stored, each of {4 * dim} bytes: {dim} float32s")
 
 
 def published_vectors(folder: Path, store, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -283,28 +277,16 @@ def _check_vector_file(vectors: Path, index, store, where: str, checks: _Checks)
     matrix = np.memmap(path, dtype=np.float32, mode="r", shape=(len(row_ids), dim)) if len(row_ids) else None
     stored = np.asarray(matrix[sample]) if matrix is not None else np.empty((0, dim), np.float32)
     ids = row_ids[sample]
-    expected = _embeddings_of(store, ids, dim)
+    expected = store.embeddings_of(ids)
     differ = [int(i) for i, row in zip(ids, stored)
               if int(i) not in expected or not np.allclose(row, expected[int(i)], atol=VECTOR_TOLERANCE)]
     del matrix
     if differ:
         checks.add("vector file", False, f"{len(differ)} of {len(sample)} sampled rows of {VECTORS_FILE} differ from "
-                                         f"SQLite's embeddings (e.g. id {differ[0]})")
+                                         f"the stored embeddings (e.g. id {differ[0]})")
     else:
         checks.add("vector file", True, f"{VECTORS_FILE} is {len(row_ids):,} x {dim}; {len(sample):,} sampled rows "
-                                        f"equal SQLite's embeddings")
-
-
-def _embeddings_of(store, ids: np.ndarray, dim: int) -> dict[int, np.ndarray]:
-    out = {}
-    ids = [int(i) for i in ids]
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        marks = ",".join("?" * len(chunk))
-        for id_, blob in store.db.execute(f"SELECT id, embedding FROM items WHERE id IN ({marks})", chunk):
-            if len(blob) == 4 * dim:
-                out[id_] = np.frombuffer(blob, dtype=np.float32)
-    return out
+                                        f"equal the stored embeddings")
 
 
 def _examples(ids: np.ndarray, n: int = 3) -> str:
