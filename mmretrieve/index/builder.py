@@ -213,7 +213,7 @@ def finish(store: IndexStore, report: IndexReport | None = None, generation_at_o
 
 def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | None = None) -> tuple[int, str]:
     """Write the next generation's FAISS index and make it current."""
-    from .backends import choose_index_type, create_index, load_index
+    from .backends import ArrayShard, build_index, choose_index_type, load_index, shard_rows
 
     staged_ids, staged_vectors = store.staged()
     removed_ids = store.item_ids_for_paths(removed_paths)
@@ -238,13 +238,11 @@ def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | No
     else:
         # A new index type (the collection crossed a size threshold), the first generation, or
         # published vectors that are damaged.
-        ids, vectors = store.all_embeddings()
-        keep = ~np.isin(ids, np.asarray(removed_ids + staged_ids.tolist(), dtype=np.int64))
-        ids = np.concatenate([ids[keep], staged_ids])
-        vectors = np.concatenate([vectors[keep], staged_vectors]) if len(ids) else vectors[:0]
-        index = create_index(kind, int(store.manifest["embed_dim"]), **options)
-        if len(ids):
-            index.add(ids, vectors)
+        # Read from SQLite one shard at a time (IVF-PQ trains on a sample drawn across them).
+        dim = int(store.manifest["embed_dim"])
+        shards = store.embedding_shards(shard_rows(dim), removed_ids + staged_ids.tolist())
+        shards += ArrayShard.split(staged_ids, staged_vectors, shard_rows(dim))
+        index = build_index(kind, dim, shards, **options)
     index.save(store.vectors_folder(generation + 1))
     store.publish(generation + 1, removed_paths, kind, index.options, requested)
     store.remove_stale_vectors()
