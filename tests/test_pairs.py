@@ -162,6 +162,10 @@ def test_the_bundle_is_cached_reused_and_rebuilt_when_the_checkpoint_changes(tin
     tiny_clip(checkpoint, seed=1)  # new weights under the same folder
     assert resolve_model(ref) == first and len(builds) == 2
     assert read_bundle_info(ref).fingerprint != info.fingerprint
+    from mmretrieve.bundle import load_bundle
+
+    # In the same process too: nothing cached from the old weights (towers, reference digests) is used.
+    assert load_bundle(ref).text_encoder.options["revision"] != info.model["towers"]["text"]["options"]["revision"]
 
 
 def test_a_self_contained_bundle_rebuilds_the_towers_offline(tiny_pairs, tmp_path):
@@ -278,3 +282,34 @@ def test_preprocess_files_from_before_the_new_fields_load_unchanged(tmp_path):
     text = TextPreprocessor.load(tmp_path)
     assert (text.config.padding, text.config.pad_token) == ("longest", None)
     assert text(["a", "a b"])["input_ids"].tolist() == [[2, 0], [2, 3]]  # to the longest, with <pad>
+
+
+def test_a_model_prefix_is_a_plugin_contract(tmp_path, monkeypatch):
+    """Any plugin's ModelSpec prefix: `mine:REST` calls factory(REST), a bare name factory(); the
+    folder of `mine:local-dir:PATH` is made absolute for the index manifest, and an index's recorded
+    prefixed reference resolves again; a malformed prefix is refused at registration."""
+    from mmretrieve import hookimpl, plugins
+    from mmretrieve.bundle import absolute_ref, resolve_model, resolve_model_ref
+    from mmretrieve.errors import RegistrationError
+    from mmretrieve.specs import ModelSpec
+
+    calls = []
+
+    def factory(rest=None):
+        calls.append(rest)
+        return tmp_path
+
+    class Mine:
+        @hookimpl
+        def register_models(self, register):
+            register(ModelSpec(name="mine", prefixes=("mine:",), factory=factory))
+
+    plugins.get_host().register(Mine(), "mine-plugin")
+    assert resolve_model("mine:some/checkpoint") == tmp_path and resolve_model("mine") == tmp_path
+    assert calls == ["some/checkpoint", None]
+    monkeypatch.chdir(tmp_path)
+    assert absolute_ref("mine:local-dir:ckpt") == f"mine:local-dir:{tmp_path / 'ckpt'}"
+    assert absolute_ref("unknown:local-dir:ckpt") == "unknown:local-dir:ckpt"
+    assert resolve_model_ref(built_with={"ref": "mine:some/checkpoint", "path": "/gone"}) == "mine:some/checkpoint"
+    with pytest.raises(RegistrationError, match="must be a word ending in ':'"):
+        ModelSpec(name="bad", prefixes=("bad",), factory=factory).validate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import re
@@ -61,7 +62,12 @@ class Checkpoint:
 
     @property
     def options(self) -> dict[str, Any]:
-        """The encoder options that rebuild a tower of exactly this checkpoint."""
+        """The encoder options that rebuild a tower of exactly this checkpoint. A local folder has
+        no revision; ``files:HASH`` of its file list stands in, so that a changed folder is another
+        set of options (and another entry in every cache keyed by them); ``locate`` ignores it."""
+        if self.revision is None and self.identity:
+            stamp = hashlib.sha256(json.dumps(self.identity).encode()).hexdigest()[:16]
+            return {"checkpoint": self.name, "revision": f"files:{stamp}"}
         return {"checkpoint": self.name, "revision": self.revision}
 
 
@@ -81,7 +87,8 @@ def _folder_identity(folder: Path) -> tuple:
 
 def locate(checkpoint: str, revision: str | None = None) -> Checkpoint:
     """A hub id, a folder, or ``local-dir:FOLDER`` as a local folder: a hub id from the cache first,
-    downloaded only when the hub answers, else one sentence."""
+    downloaded only when the hub answers, else one sentence. A folder's ``revision`` (``files:...``,
+    see Checkpoint.options) is not checked: the towers' weight digests are."""
     name = str(checkpoint)
     is_path = name.startswith(LOCAL_DIR)
     name = os.path.expanduser(name[len(LOCAL_DIR):] if is_path else name)
