@@ -59,7 +59,8 @@ def pair_parts(model_name: str, weights: str | None = None):
     image = OpenClipImageEncoder.from_open_clip(model, config, options)
     for encoder in (text, image):
         encoder.registered_name = encoder.family
-    source = {"kind": "open_clip", "model": model_name, "weights": weights, "open_clip": _open_clip_version(),
+    source = {"kind": "open_clip", "checkpoint": join_model_name(model_name, weights), "model": model_name,
+              "weights": weights, "open_clip": _open_clip_version(),
               "text_projection": "linear" if text.projection is not None else "inside the tower",
               "image_projection": "linear" if image.projection is not None else "inside the tower"}
     return PairParts(text=text, image=image,

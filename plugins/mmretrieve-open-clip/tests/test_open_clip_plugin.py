@@ -124,6 +124,7 @@ def test_bundle_refers_to_the_checkpoint_and_rebuilds_its_architecture_offline(t
     assert towers["text"]["reference"]["encoder"] == "open-clip-text"
     assert towers["image"]["reference"]["options"]["model_name"] == f"local-dir:{tiny_clip_dir}"
     assert info.manifest["metadata"]["source"]["kind"] == "open_clip"
+    assert info.manifest["metadata"]["source"]["checkpoint"] == f"local-dir:{tiny_clip_dir}"  # what `info` shows
     assert info.manifest["stored_parameters"] < 10_000  # heads and temperature only; the towers are referenced
     # The tower folder's open_clip_config.json alone rebuilds the architecture (no hub, no checkpoint).
     loaded = load_bundle(folder)
