@@ -211,6 +211,21 @@ def test_a_prefix_that_disagrees_with_the_checkpoint_is_one_sentence(tiny_pairs)
         resolve_model("clip:local-dir:/nonexistent/checkpoint")
 
 
+def test_siglip2_takes_fixed_resolution_checkpoints_and_refuses_naflex(tiny_pairs, tmp_path):
+    """A fixed-resolution SigLIP 2 checkpoint is a `siglip` model type (SiglipModel, Gemma
+    tokenizer): siglip2: takes it; a NaFlex one (model_type siglip2, variable patches) is one sentence."""
+    from mmretrieve.bundle import read_bundle_info
+    from mmretrieve.errors import InputError
+
+    assert read_bundle_info(f"siglip2:local-dir:{tiny_pairs['siglip']}").manifest["metadata"]["source"]["kind"] \
+        == "siglip2"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+    with pytest.raises(InputError, match="NaFlex"):
+        read_bundle_info(f"siglip2:local-dir:{tmp_path}")
+    with pytest.raises(InputError, match="NaFlex"):
+        read_bundle_info(tmp_path)  # as --model PATH: its model type names the siglip2: prefix
+
+
 def test_training_hooks_of_the_pair_towers(tiny_pairs):
     """top:N, LoRA and grad checkpointing see the towers' layers and attention projections."""
     from mmretrieve.encoders import create_encoder
