@@ -328,3 +328,13 @@ def test_a_model_prefix_is_a_plugin_contract(tmp_path, monkeypatch):
     assert resolve_model_ref(built_with={"ref": "mine:some/checkpoint", "path": "/gone"}) == "mine:some/checkpoint"
     with pytest.raises(RegistrationError, match="must be a word ending in ':'"):
         ModelSpec(name="bad", prefixes=("bad",), factory=factory).validate()
+
+
+def test_a_checkpoint_folder_without_weights_is_one_sentence(tiny_pairs, tmp_path):
+    from mmretrieve.bundle import resolve_model
+    from mmretrieve.errors import InputError
+
+    checkpoint = shutil.copytree(tiny_pairs["clip"], tmp_path / "ckpt")
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="cannot load the checkpoint in"):
+        resolve_model(checkpoint)

@@ -147,8 +147,11 @@ def _load_pretrained(folder: str, identity: tuple) -> nn.Module:
     model_type = read_model_type(Checkpoint(Path(folder), folder, None, identity))
     _check_supported(model_type, folder)
     pair_class = getattr(transformers, CLASSES[model_type][0])
-    with _quiet_transformers():
-        return pair_class.from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        with _quiet_transformers():
+            return pair_class.from_pretrained(folder, dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:  # no weights file, a truncated one, a config that does not fit
+        raise InputError(f"cannot load the checkpoint in {folder}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _config(folder: Path):
@@ -251,6 +254,9 @@ def image_preprocess_config(folder: Path) -> ImagePreprocessConfig:
             crop_pct = np.nextafter(crop_pct, 0.0)
         return ImagePreprocessConfig(size=side, crop_pct=float(crop_pct), interpolation=resample, mean=mean, std=std,
                                      crop_offset="floor")
+    if isinstance(data.get("size"), dict) and "shortest_edge" in data["size"]:
+        raise InputError(f"{path}: the processor resizes the shorter side without cropping, so images keep their "
+                         f"shapes; mmretrieve takes checkpoints with square inputs only")
     return ImagePreprocessConfig(size=_side(data["size"], "height"), crop_pct=1.0, interpolation=resample, mean=mean,
                                  std=std, resize="squash")
 
