@@ -11,6 +11,7 @@ measured against it (issue 17).
     python benchmarks/baseline_script.py --export EXPORT_DIR [--images DIR] [--count 1000] [--rounds 3]
     python benchmarks/baseline_script.py index --export EXPORT_DIR --images DIR --out OUT_DIR
     python benchmarks/baseline_script.py search --export EXPORT_DIR --out OUT_DIR --query "a dog on a beach"
+    python benchmarks/baseline_script.py search-bench --export EXPORT_DIR --index-dir INDEX_DIR [--quick]
 
 Benchmark (the default mode): the first ``--count`` images (sorted by name) are linked into a
 scratch folder; each round runs, in turn, (A) this script's ``index`` mode and (B) `mmretrieve
@@ -215,19 +216,111 @@ def run_bench(args, images: list[Path], export: Path, work: Path, load_before: t
     assert equal, "the script's vectors differ from mmretrieve's"
 
 
+def search_bench_mode(args) -> None:
+    """Search only, on an index mmretrieve built already (``--index-dir``): the script's faiss index is
+    filled with the vectors mmretrieve stored (the same rows), so nothing is embedded twice.
+
+    Warm: per-query medians, in-process, interleaved per round: the script's loop, mmretrieve's
+    ``Index.search`` under its thread policy, and ``Index.search`` with the engines at their own
+    defaults (onnxruntime threads spinning, faiss on every core: what mmretrieve did before the
+    policy). Cold: `mmretrieve search` and this script's ``search`` mode as fresh processes."""
+    from mmretrieve import threads
+    from mmretrieve.api import Index
+
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="baseline-search-"))
+    try:
+        library = Index(args.index_dir, model=str(args.export))
+        store = library.reader.store
+        ids, vectors = store.all_embeddings()
+        names = store.items_by_id(ids)
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(np.ascontiguousarray(vectors, np.float32))
+        faiss.write_index(index, str(work / "index.faiss"))
+        paths = [names[int(i)].path for i in ids]
+        (work / "paths.txt").write_text("".join(f"{p}\n" for p in paths))
+
+        ex = load_export(args.export)
+        text_session = ex["session"]("text")
+        policy = threads.current_policy()
+        before = threads.ThreadPolicy("search", policy.cores, policy.cores, True, policy.cores, 0)
+        unmanaged = {"policy": before}
+
+        def run_unmanaged(query):  # the same Index code, with the engines' own defaults
+            chosen, small = threads._CURRENT, threads.FAISS_SMALL_BATCH
+            threads._CURRENT, threads.FAISS_SMALL_BATCH = unmanaged["policy"], 0
+            try:
+                return unmanaged["index"].search(query, k=10)
+            finally:
+                threads._CURRENT, threads.FAISS_SMALL_BATCH = chosen, small
+
+        threads._CURRENT = before
+        unmanaged["index"] = Index(args.index_dir, model=str(args.export))
+        unmanaged["index"].search(QUERIES[0])  # its onnxruntime session made under the old settings
+        threads._CURRENT = policy
+        sides = {"script": lambda q: search(q, index, paths, ex, text_session),
+                 "mmretrieve": lambda q: library.search(q, k=10),
+                 "mmretrieve, engines' defaults": run_unmanaged}
+        for run in sides.values():
+            for query in QUERIES[:3]:
+                run(query)
+        warm: dict[str, list[float]] = {name: [] for name in sides}
+        for _ in range(args.rounds * 3):
+            for name, run in sides.items():
+                warm[name].append(per_query_ms(run, QUERIES))
+
+        cold_commands = {
+            "script": [sys.executable, str(Path(__file__).resolve()), "search", "--export", str(args.export),
+                       "--out", str(work), "--query", QUERIES[1]],
+            "mmretrieve": [sys.executable, "-m", "mmretrieve", "search", QUERIES[1], "--index-dir",
+                           str(args.index_dir), "--model", str(args.export)],
+        }
+        for command in cold_commands.values():
+            timed(command)  # file cache and entry-point cache warm, as for a user's second search
+        cold: dict[str, list[float]] = {name: [] for name in cold_commands}
+        for _ in range(args.rounds):
+            for name, command in cold_commands.items():
+                cold[name].append(timed(command))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
+    median = statistics.median
+    print(f"| what ({len(ids)} items; median of {args.rounds * 3} warm / {args.rounds} cold rounds, interleaved) "
+          f"| time | vs script |\n|---|---:|---:|")
+    for name, values in warm.items():
+        print(f"| warm `search(q)`, {name} | {median(values):.2f} ms | "
+              f"{median(values) / median(warm['script']):.2f}x |")
+    for name, values in cold.items():
+        print(f"| cold `search` process, {name} | {median(values):.3f} s | "
+              f"{median(values) / median(cold['script']):.2f}x |")
+    print(f"\nwarm rounds (ms): " + "; ".join(f"{name}: {' '.join(f'{v:.2f}' for v in values)}"
+                                          for name, values in warm.items()))
+    print(f"cold rounds (s): " + "; ".join(f"{name}: {' '.join(f'{v:.3f}' for v in values)}"
+                                         for name, values in cold.items()))
+    print(f"load average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "index", "search"))
+    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "index", "search", "search-bench"))
     parser.add_argument("--export", type=Path, required=True, help="an `mmretrieve export` folder")
     parser.add_argument("--images", type=Path, default=Path("../shared/data/flickr8k-train/images"))
     parser.add_argument("--count", type=int, default=1000, help="images to index (bench)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (bench)")
     parser.add_argument("--out", type=Path, help="where index mode writes index.faiss and paths.txt")
     parser.add_argument("--query", default=QUERIES[0], help="text to search for (search mode)")
+    parser.add_argument("--index-dir", type=Path, help="an index mmretrieve built with --export (search-bench)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds (bench: 300 images)")
     args = parser.parse_args()
-    if args.mode != "bench" and args.out is None:
+    if args.quick:
+        args.rounds = 2
+        args.count = min(args.count, 300)
+    if args.mode in ("index", "search") and args.out is None:
         parser.error(f"{args.mode} needs --out")
-    {"bench": bench_mode, "index": index_mode, "search": search_mode}[args.mode](args)
+    if args.mode == "search-bench" and args.index_dir is None:
+        parser.error("search-bench needs --index-dir")
+    {"bench": bench_mode, "index": index_mode, "search": search_mode, "search-bench": search_bench_mode}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,7 +122,7 @@ class PluginHost:
                 continue
             record = PluginRecord(found_ep.name, "entry-point", version=found_ep.version,
                                   distribution=found_ep.distribution)
-            self._register_module(found_ep.name, found_ep.entry_point.load, record)
+            self._register_module(found_ep.name, found_ep.load, record)
 
     def register(self, plugin: object, name: str, version: str | None = None) -> None:
         """Register a plugin object in-process (tests, notebooks, embedding applications)."""
@@ -216,28 +215,43 @@ class PluginHost:
         return self._registries[kind]
 
 
+def __getattr__(name: str):
+    # importlib.metadata (and the email package under it) is imported only to scan distributions,
+    # which a command whose entry points are cached never does; ``plugins.metadata`` still works.
+    if name == "metadata":
+        from importlib import metadata
+
+        return metadata
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
 class FoundEntryPoint:
-    entry_point: metadata.EntryPoint
+    name: str
+    value: str  # "module" or "module:attribute", as in entry_points.txt
     distribution: str | None
     version: str | None
     metadata_file: str | None  # the distribution's entry_points.txt, whose change voids the cache
 
-    @property
-    def name(self) -> str:
-        return self.entry_point.name
+    def load(self) -> object:
+        """The object the entry point names (what importlib.metadata.EntryPoint.load returns)."""
+        import pkgutil
+
+        return pkgutil.resolve_name(self.value.split("[", 1)[0].strip())  # extras ("[gpu]") choose no object
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.entry_point.value, "distribution": self.distribution,
+        return {"name": self.name, "value": self.value, "distribution": self.distribution,
                 "version": self.version, "metadata_file": self.metadata_file}
 
 
 def _scan_entry_points() -> list[FoundEntryPoint]:
+    from importlib import metadata
+
     found = []
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         folder = getattr(dist, "_path", None)  # PathDistribution's metadata folder, when it has one
-        found.append(FoundEntryPoint(ep, getattr(dist, "name", None), getattr(dist, "version", None),
+        found.append(FoundEntryPoint(ep.name, ep.value, getattr(dist, "name", None), getattr(dist, "version", None),
                                      str(Path(folder) / "entry_points.txt") if folder is not None else None))
     return found
 
@@ -286,8 +300,8 @@ def discover_entry_points() -> list[FoundEntryPoint]:
         try:
             rows = entry["entry_points"]
             if all(row["metadata_file"] is None or _mtime(row["metadata_file"]) == row["mtime"] for row in rows):
-                return [FoundEntryPoint(metadata.EntryPoint(row["name"], row["value"], ENTRY_POINT_GROUP),
-                                        row["distribution"], row["version"], row["metadata_file"]) for row in rows]
+                return [FoundEntryPoint(row["name"], row["value"], row["distribution"], row["version"],
+                                        row["metadata_file"]) for row in rows]
         except (KeyError, TypeError):
             pass
         break

@@ -7,8 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from importlib import metadata
-
 import numpy as np
 import pytest
 
@@ -38,8 +36,7 @@ def scans(monkeypatch, tmp_path):
 
     def scan():
         counted.append(1)
-        ep = metadata.EntryPoint("good", "plugin_fixtures", plugins.ENTRY_POINT_GROUP)
-        return [plugins.FoundEntryPoint(ep, "good-dist", "1.2", str(entry_file))]
+        return [plugins.FoundEntryPoint("good", "plugin_fixtures", "good-dist", "1.2", str(entry_file))]
 
     monkeypatch.setattr(plugins, "_scan_entry_points", scan)
     return counted, entry_file
@@ -51,8 +48,8 @@ def test_entry_points_are_found_once_and_then_read_from_the_cache(cache_home, sc
     assert len(counted) == 1 and cache_home.is_file()
     again = plugins.discover_entry_points()
     assert len(counted) == 1  # no scan: the cache answered
-    assert [(e.name, e.entry_point.value, e.distribution, e.version) for e in again] == \
-           [(e.name, e.entry_point.value, e.distribution, e.version) for e in first]
+    assert again == first
+    assert again[0].load() is __import__("plugin_fixtures")
     host = plugins.PluginHost()
     host.load_entry_points(cached=True)
     assert host.records["good"].error is None and host.records["good"].distribution == "good-dist"
@@ -91,11 +88,17 @@ def test_a_damaged_or_disabled_cache_only_costs_a_scan(cache_home, scans, monkey
     assert len(counted) == before + 2
 
 
-def test_a_search_imports_neither_the_index_builder_nor_multiprocessing():
-    code = ("import sys, mmretrieve.api, mmretrieve.cli\n"
-            "print(sorted(m for m in ('mmretrieve.index.builder', 'multiprocessing', 'torch') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+def test_a_search_imports_neither_the_index_builder_nor_multiprocessing(tmp_path):
+    code = ("import sys, mmretrieve.api, mmretrieve.cli, mmretrieve.plugins as p\n"
+            "p.get_host(); p.reset_host(); p.get_host()\n"  # the second host reads the cache
+            "print(sorted(m for m in ('mmretrieve.index.builder', 'multiprocessing', 'torch', 'importlib.metadata')"
+            " if m in sys.modules))")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), plugins.ENV_CACHE: "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "['importlib.metadata']"  # the first host scanned; nothing else came
+    code = code.replace("p.get_host(); p.reset_host(); p.get_host()", "p.get_host()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == "[]"  # entry points from the cache: no distribution scanned
 
 
 def test_torch_runtime_builds_only_the_tower_it_uses(tiny_bundle):

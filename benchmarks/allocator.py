@@ -1,0 +1,100 @@
+"""Torch image tower speed and memory with and without mmretrieve's allocator tuning (issue 17, item 3).
+
+Each variant runs in a fresh child process (the allocator's state is per process), in turn, for
+``--rounds`` interleaved rounds: the torch runtime's image tower (``--model``, default `default`)
+embeds ``--batches`` batches of 32 random 224 px images after one warm-up batch. Printed per
+run and as medians: images/s, minor page faults per image, user and system CPU seconds, and
+the child's peak resident memory (ru_maxrss), with the ratio to glibc's defaults.
+
+    python benchmarks/allocator.py [--model default] [--batches 6] [--rounds 3] [--quick]
+
+Variants: ``glibc defaults`` (MMRETRIEVE_MALLOC_TUNING=0), ``mallopt`` (what mmretrieve does when
+the torch runtime starts: mmretrieve/allocator.py) and ``env vars`` (the MALLOC_*_ variables the
+issue measured with, set for the child; mmretrieve then leaves them alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "glibc defaults": {"MMRETRIEVE_MALLOC_TUNING": "0"},
+    "mallopt": {},
+    "env vars": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+                 "MALLOC_TOP_PAD_": str(64 << 20)},
+}
+
+
+def child(model: str, batches: int, batch: int) -> None:
+    import numpy as np
+
+    from mmretrieve.runtime.torch_runtime import TorchEmbedder
+    from mmretrieve.allocator import tune_allocator
+
+    embedder = TorchEmbedder(model, device="cpu")
+    size = embedder.image_preprocessor.config.size
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    embedder.embed_pixels(pixels)  # warm-up: builds the tower, first allocations
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(batches):
+        embedder.embed_pixels(pixels)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    images = batches * batch
+    print(json.dumps({"img_s": images / seconds, "faults_per_img": (after.ru_minflt - before.ru_minflt) / images,
+                      "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+                      "peak_rss_mb": after.ru_maxrss / 1024, "tuned": tune_allocator()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--batches", type=int, default=6, help="timed batches of 32 per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="3 batches, 2 rounds (about a minute)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.rounds = 3, 2
+    if args.child:
+        child(args.model, args.batches, 32)
+        return
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    print("| round | variant | img/s | minor faults/img | user s | sys s | peak RSS MB |\n|---:|---|---:|---:|---:|---:|---:|")
+    for round_ in range(1, args.rounds + 1):
+        for name, extra in VARIANTS.items():
+            env = {k: v for k, v in os.environ.items() if k != "MMRETRIEVE_MALLOC_TUNING" and not k.startswith("MALLOC_")}
+            env.update(extra)
+            done = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--batches",
+                                   str(args.batches)], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{name} failed:\n{done.stderr}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[name].append(result)
+            print(f"| {round_} | {name} | {result['img_s']:.1f} | {result['faults_per_img']:.0f} | "
+                  f"{result['user_s']:.2f} | {result['sys_s']:.2f} | {result['peak_rss_mb']:.0f} |", flush=True)
+    base = statistics.median(r["img_s"] for r in runs["glibc defaults"])
+    base_rss = statistics.median(r["peak_rss_mb"] for r in runs["glibc defaults"])
+    print(f"\n| variant (median of {args.rounds}) | img/s | vs glibc defaults | minor faults/img | peak RSS MB | "
+          f"RSS vs defaults |\n|---|---:|---:|---:|---:|---:|")
+    for name, results in runs.items():
+        rate = statistics.median(r["img_s"] for r in results)
+        rss = statistics.median(r["peak_rss_mb"] for r in results)
+        faults = statistics.median(r["faults_per_img"] for r in results)
+        print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {faults:.0f} | {rss:.0f} | {rss / base_rss:.2f}x |")
+    load_after = os.getloadavg()
+    print(f"\nload average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores; batch 32, "
+          f"{args.batches} timed batches per run")
+
+
+if __name__ == "__main__":
+    main()

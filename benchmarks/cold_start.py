@@ -1,0 +1,134 @@
+"""Cold start: a fresh `mmretrieve search` process, and the torch runtime's first text vector (issue 17, item 6).
+
+Each round runs, in turn, as fresh processes timed from start to exit:
+  - `mmretrieve search QUERY --index-dir INDEX --model EXPORT` (the ONNX runtime), this tree;
+  - the same with ``--before SRC`` (a folder holding an older ``mmretrieve`` package, e.g.
+    ``git archive COMMIT mmretrieve | tar -x -C SRC``) first on PYTHONPATH;
+  - benchmarks/baseline_script.py's ``search`` mode on the same vectors (the hand-written script);
+  - the torch runtime embedding one text query with ``--model`` (default `default`): building
+    the embedder and the first vector, this tree and ``--before``.
+It also sums `python -X importtime` over one `search` process per tree (modules imported, ms).
+One untimed run of each warms the file cache (and the entry-point cache), as for a user's
+second command. Prints every run, medians, ratios and the load average.
+
+    python benchmarks/cold_start.py --export EXPORT --index-dir INDEX [--before SRC] [--rounds 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+QUERY = "two children playing in the snow"
+TORCH_TEXT = ("from mmretrieve.runtime.torch_runtime import TorchEmbedder\n"
+              "TorchEmbedder({model!r}, device='cpu').embed_texts([{query!r}])")
+
+
+def run(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=env["BENCH_CWD"])
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def import_time(command: list[str], env: dict[str, str]) -> tuple[int, float]:
+    """(modules imported, total ms of import time) of one process, from -X importtime."""
+    done = subprocess.run([command[0], "-X", "importtime", *command[1:]], env=env, capture_output=True, text=True,
+                          cwd=env["BENCH_CWD"])
+    rows = [line.split("|") for line in done.stderr.splitlines() if line.startswith("import time:")][1:]
+    top_level = [int(cumulative) for _, cumulative, name in rows if not name.startswith("  ")]
+    return len(rows), sum(top_level) / 1000
+
+
+def make_script_index(index_dir: Path, out: Path) -> None:
+    """The script's index.faiss and paths.txt from the vectors mmretrieve stored (the same rows)."""
+    import faiss
+    import numpy as np
+
+    from mmretrieve.index.search import IndexReader
+
+    store = IndexReader(index_dir).store  # the model is loaded only when a query is embedded: never here
+    ids, vectors = store.all_embeddings()
+    items = store.items_by_id(ids)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, np.float32))
+    faiss.write_index(index, str(out / "index.faiss"))
+    (out / "paths.txt").write_text("".join(f"{items[int(i)].path}\n" for i in ids))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", type=Path, required=True, help="an `mmretrieve export` folder")
+    parser.add_argument("--index-dir", type=Path, required=True, help="an index built with --model EXPORT")
+    parser.add_argument("--before", type=Path, help="a folder holding an older mmretrieve package to compare")
+    parser.add_argument("--model", default="default", help="bundle for the torch runtime's text query")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds = 3
+    args.export, args.index_dir = args.export.resolve(), args.index_dir.resolve()
+    load_before = os.getloadavg()
+    python = sys.executable
+    trees = {"this tree": os.environ.get("PYTHONPATH", "")}
+    if args.before:
+        trees["before"] = str(args.before.resolve())
+    work = Path(tempfile.mkdtemp(prefix="cold-start-"))
+    # Run from a scratch folder: `python -m`/-c put the working folder first on sys.path, which
+    # would shadow --before's PYTHONPATH when started in a checkout.
+    os.environ["BENCH_CWD"] = str(work)
+    try:
+        make_script_index(args.index_dir, work)
+        commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        for tree, path in trees.items():
+            env = {**os.environ, "PYTHONPATH": path}
+            commands[f"`search`, {tree}"] = ([python, "-m", "mmretrieve", "search", QUERY, "--index-dir",
+                                             str(args.index_dir), "--model", str(args.export)], env)
+        commands["`search`, hand-written script"] = ([python, str(HERE / "baseline_script.py"), "search", "--export",
+                                                     str(args.export), "--out", str(work), "--query", QUERY],
+                                                    dict(os.environ))
+        for tree, path in trees.items():
+            env = {**os.environ, "PYTHONPATH": path}
+            commands[f"torch runtime, one text query, {tree}"] = (
+                [python, "-c", TORCH_TEXT.format(model=args.model, query=QUERY)], env)
+        for command, env in commands.values():
+            run(command, env)
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        print("| round | what | s |\n|---:|---|---:|")
+        for round_ in range(1, args.rounds + 1):
+            for name, (command, env) in commands.items():
+                times[name].append(run(command, env))
+                print(f"| {round_} | {name} | {times[name][-1]:.3f} |", flush=True)
+        imports = {tree: import_time(commands[f"`search`, {tree}"][0], commands[f"`search`, {tree}"][1])
+                   for tree in trees}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    median = statistics.median
+    script = median(times["`search`, hand-written script"])
+    print(f"\n| what (median of {args.rounds}, interleaved) | s | vs script | vs before |\n|---|---:|---:|---:|")
+    for name, values in times.items():
+        before_name = name.replace("this tree", "before")
+        versus_before = (f"{median(values) / median(times[before_name]):.2f}x"
+                         if args.before and "this tree" in name and before_name in times else "")
+        versus_script = f"{median(values) / script:.2f}x" if name.startswith("`search`") else ""
+        print(f"| {name} | {median(values):.3f} | {versus_script} | {versus_before} |")
+    print("\n| `search` process, -X importtime | modules | import ms (top-level cumulative) |\n|---|---:|---:|")
+    for tree, (count, ms) in imports.items():
+        print(f"| {tree} | {count} | {ms:.0f} |")
+    load_after = os.getloadavg()
+    print(f"\nload average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()
