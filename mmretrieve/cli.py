@@ -183,6 +183,13 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
         reference = tower.get("reference")
         stored = (f", by reference ({reference['changed_tensors']} tensors changed by training)" if reference else "")
         click.echo(f"{name + ' tower:':<13} {tower['registered_as']} ({tower['family']}, {tower['dim']}-d){stored}")
+    trained = manifest.get("metadata") or {}
+    if isinstance(trained.get("gain"), dict) and isinstance(trained.get("start"), dict):  # written by `train`
+        from .metrics import mean_recall
+
+        click.echo(f"trained:      best at step {trained.get('step', '?')}: mean recall "
+                   f"{mean_recall(trained['start']):.1f} at the start -> {mean_recall(trained['val']):.1f} "
+                   f"(t2i R@1 {trained['gain']['t2i']['R@1']:+.1f}, i2t R@1 {trained['gain']['i2t']['R@1']:+.1f})")
     stored = manifest.get("stored_parameters", manifest["parameters"])
     click.echo(f"parameters:   {manifest['parameters']:,}" +
                (f" ({stored:,} stored in the bundle)" if stored != manifest["parameters"] else ""))
@@ -205,10 +212,13 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(2), help="Pairs per batch (per process).")
 @click.option("-o", "--output", help="Run folder (bundle in OUTPUT/best).")
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("--self-contained", is_flag=True,
+              help="Store every tower weight in the bundle, not by reference to the --init pair's checkpoint "
+                   "(the default for a pretrained pair).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @config_options
 def train(data, val_data, init_model, text_encoder, image_encoder, text_mode, image_mode, epochs, batch_size, output,
-          resume, as_json, config_file, overrides):
+          resume, self_contained, as_json, config_file, overrides):
     """Fine-tune a retrieval model contrastively on image-caption pairs.
 
     Runs on CUDA with mixed precision when present, else on CPU; under torchrun it trains
@@ -218,7 +228,8 @@ def train(data, val_data, init_model, text_encoder, image_encoder, text_mode, im
 
     flags = {"data": data, "val_data": val_data, "init": init_model, "model.text.encoder": text_encoder,
              "model.image.encoder": image_encoder, "text.mode": text_mode, "image.mode": image_mode,
-             "epochs": epochs, "batch_size": batch_size, "output": output}
+             "epochs": epochs, "batch_size": batch_size, "output": output,
+             "bundle_towers": "embed" if self_contained else None}
     sets = tuple(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None) + tuple(overrides)
     if _starts_from_default(config_file, sets):
         sets = ('init="default"',) + sets
@@ -286,10 +297,13 @@ def _print_gain(result) -> None:
     click.echo(f"trained {result.steps} steps in {result.seconds:.0f}s; best at step {result.best_step} -> "
                f"{result.best_bundle}{' (stopped early)' if result.stopped_early else ''}")
     click.echo(f"{'':>10} {'t2i R@1':>8} {'R@5':>6} {'R@10':>6} {'i2t R@1':>8} {'R@5':>6} {'R@10':>6}")
-    for label, metrics in (("start", result.baseline), ("best", result.best)):
+    for label, metrics in (("start", result.baseline), ("best", result.best), ("gain", result.gain)):
+        if metrics is None:
+            continue
         t, i = metrics["t2i"], metrics["i2t"]
-        click.echo(f"{label:>10} {t['R@1']:>8.1f} {t['R@5']:>6.1f} {t['R@10']:>6.1f} "
-                   f"{i['R@1']:>8.1f} {i['R@5']:>6.1f} {i['R@10']:>6.1f}")
+        sign = "+" if label == "gain" else ""
+        click.echo(f"{label:>10} {t['R@1']:>{sign}8.1f} {t['R@5']:>{sign}6.1f} {t['R@10']:>{sign}6.1f} "
+                   f"{i['R@1']:>{sign}8.1f} {i['R@5']:>{sign}6.1f} {i['R@10']:>{sign}6.1f}")
 
 
 @cli.command(name="eval")

@@ -166,7 +166,7 @@ class TrainConfig:
     workers: int = 2  # data-loading processes (decoding and preprocessing images)
     cache_frozen: bool = True  # embed frozen towers once and train on cached features
     strict_data: bool = False  # stop on the first unreadable image or malformed record
-    bundle_towers: str = "embed"  # embed: bundles hold every weight; reference: towers' unchanged weights stay in their encoder's plugin
+    bundle_towers: str = "auto"  # embed: bundles hold every weight; reference: towers' unchanged weights stay in their encoder's plugin (or checkpoint); auto: as the init bundle stores them (a pretrained pair: reference), else embed
     output: str = "runs/latest"  # run folder: best/ bundle, checkpoint/, metrics.jsonl, curves.png
     device: str = "auto"  # auto (cuda when present), cpu, cuda, cuda:1, ...
     log_every: int = 10  # optimiser steps between metric log lines

@@ -36,7 +36,11 @@ from .trainable import apply_training_mode, has_lora, merge_lora_in_place, parse
 log = logging.getLogger(__name__)
 
 # Settings that may change between a run and its resumption; anything else must match.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "patience", "workers", "log_every", "device", "eval_every"}
+RESUMABLE_CHANGES = {"epochs", "max_steps", "patience", "workers", "log_every", "device", "eval_every",
+                     "bundle_towers"}
+BUNDLE_TOWERS = ("auto", "embed", "reference")
+# The bundle manifest's metadata key for a model's sigmoid-loss logit bias (a SigLIP pair's).
+LOGIT_BIAS_KEY = "logit_bias"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -58,6 +62,16 @@ class TrainResult:
     steps: int
     seconds: float
     stopped_early: bool
+    gain: dict | None = None  # best minus start, per direction and metric (R@K in points, median rank)
+
+
+def metric_gain(start: dict | None, best: dict | None) -> dict | None:
+    """``best - start`` for every number both evaluations have: {"t2i": {"R@1": +12.5, ...}, ...}."""
+    if not start or not best:
+        return None
+    return {direction: {name: round(value - start[direction][name], 2) for name, value in metrics.items()
+                        if name in start.get(direction, {})}
+            for direction, metrics in best.items() if direction in start}
 
 
 def resolve_device(setting: str, dist: DistInfo) -> torch.device:
@@ -196,9 +210,8 @@ class Trainer:
         if not config.data:
             raise ConfigError("no training data: give --data FILE (JSONL, CSV, COCO JSON or a folder)")
         self.config = config
-        if config.bundle_towers not in ("embed", "reference"):
-            raise ConfigError(f"bundle_towers must be embed or reference, not {config.bundle_towers!r}")
-        self.reference_towers = ("text", "image") if config.bundle_towers == "reference" else ()
+        if config.bundle_towers not in BUNDLE_TOWERS:
+            raise ConfigError(f"bundle_towers must be auto, embed or reference, not {config.bundle_towers!r}")
         self.output = Path(config.output)
         self.dist = init_distributed("cuda" if config.device.startswith("cuda") or
                                      (config.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -209,6 +222,7 @@ class Trainer:
         self._seed(config.seed)
         self.train_set, self.val_items = self._load_data()
         self.model = self._build_model()
+        self.reference_towers = self._reference_towers()
         for name in self.reference_towers:
             check_reproducible(getattr(self.model.config, name))
         self.frozen = {name: parse_mode(getattr(config, name).mode)[0] == "frozen" for name in ("text", "image")}
@@ -217,7 +231,7 @@ class Trainer:
             count = apply_training_mode(encoder, getattr(config, name))
             log.info("%s tower: %s, %d trainable parameters", name, getattr(config, name).mode, count)
         loss_spec = get_host().registry("loss").get(config.loss)
-        self.loss = loss_spec.build(dist_info=self.dist, **config.loss_options)
+        self.loss = loss_spec.build(dist_info=self.dist, **self._loss_options(loss_spec))
         self.model.to(self.device)
         self.loss.to(self.device)
         self._prepare_caches()
@@ -286,6 +300,36 @@ class Trainer:
         if self.config.init:
             return load_bundle(self.config.init)
         return build_model(self.config.model)
+
+    def _init_bundle(self):
+        """The manifest and model description of the --init bundle (a pretrained pair's included), or None."""
+        return getattr(self.model, "bundle", None) if self.config.init else None
+
+    def _reference_towers(self) -> tuple[str, ...]:
+        """The towers the run's bundles store by reference to their registered encoder: both with
+        ``reference``, none with ``embed``; with ``auto`` those the --init bundle itself stores by
+        reference (a pretrained pair's towers refer to its checkpoint), so a fine-tuned pair stays small."""
+        setting = self.config.bundle_towers
+        if setting != "auto":
+            return ("text", "image") if setting == "reference" else ()
+        info = self._init_bundle()
+        if info is None:
+            return ()
+        return tuple(name for name in ("text", "image") if "reference" in info.model["towers"][name])
+
+    def _loss_options(self, loss_spec) -> dict[str, Any]:
+        """``loss_options``, plus the --init model's own logit bias (a SigLIP pair's) as ``init_bias``
+        for a loss that takes one, unless the options set it: fine-tuning starts where the checkpoint is."""
+        from ..specs import resolve_factory, unaccepted_options
+
+        options = dict(self.config.loss_options)
+        info = self._init_bundle()
+        bias = (info.manifest.get("metadata") or {}).get(LOGIT_BIAS_KEY) if info is not None else None
+        if bias is not None and "init_bias" not in options and \
+                not unaccepted_options(resolve_factory(loss_spec.factory), ["init_bias"]):
+            options["init_bias"] = float(bias)
+            log.info("%s loss: bias starts at the checkpoint's %.4f", loss_spec.name, float(bias))
+        return options
 
     def _prepare_caches(self) -> None:
         """Features of frozen towers, for training and validation items, computed once."""
@@ -411,13 +455,29 @@ class Trainer:
             if best is None or score > mean_recall(best):
                 self.state.update(best=metrics, best_step=self.state["step"], bad_evals=0)
                 save_bundle(bundle_view(self.model), self.output / "best", reference_towers=self.reference_towers,
-                            metadata={"step": self.state["step"], "val": metrics, "train_config": to_dict(self.config)})
+                            metadata=self._bundle_metadata(metrics))
             else:
                 self.state["bad_evals"] += 1
             patience = self.config.patience
             stop = patience is not None and self.state["bad_evals"] >= patience
         self._save_checkpoint(rng)
         return broadcast_flag(stop, self.dist)
+
+    def _bundle_metadata(self, metrics: dict | None) -> dict[str, Any]:
+        """What the best bundle records: its step and validation, the start and the gain over it, the
+        config; and what the --init model carried that the bundle's weights do not (a logit bias)."""
+        metadata = {"step": self.state["step"], "val": metrics, "start": self.state["baseline"],
+                    "gain": metric_gain(self.state["baseline"], metrics), "train_config": to_dict(self.config)}
+        bias = getattr(self.loss, "logit_bias", None)
+        info = self._init_bundle()
+        source = (info.manifest.get("metadata") or {}).get("source") if info is not None else None
+        if source:  # the pretrained checkpoint the towers came from (and still refer to), for `info`
+            metadata["source"] = source
+        if isinstance(bias, torch.Tensor) and bias.numel() == 1:
+            metadata[LOGIT_BIAS_KEY] = float(bias.detach().float().item())
+        elif info is not None and (info.manifest.get("metadata") or {}).get(LOGIT_BIAS_KEY) is not None:
+            metadata[LOGIT_BIAS_KEY] = info.manifest["metadata"][LOGIT_BIAS_KEY]
+        return metadata
 
     # -- the loop --------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -483,7 +543,7 @@ class Trainer:
         result = TrainResult(output=str(self.output), best_bundle=str(self.output / "best") if state["best"] else None,
                              baseline=state["baseline"], best=state["best"], best_step=state["best_step"],
                              steps=state["step"], seconds=round(time.perf_counter() - started, 1),
-                             stopped_early=stopped_early)
+                             stopped_early=stopped_early, gain=metric_gain(state["baseline"], state["best"]))
         if self.main:
             write_text_atomic(self.output / "summary.json", json.dumps(asdict(result), indent=2))
             from .plot import plot_curves
