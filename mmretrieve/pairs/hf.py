@@ -196,26 +196,36 @@ def _siglip_fast_tokenizer(slow):
     return fast
 
 
-def text_preprocessor(folder: Path, model_type: str, config) -> TextPreprocessor:
-    from tokenizers import Tokenizer
+@functools.lru_cache(maxsize=4)
+def _tokenizer_settings(folder: str, identity: tuple, model_type: str, positions: int) -> tuple[str, dict]:
+    """The checkpoint's tokenizer as tokenizer.json text, and the TextPreprocessConfig fields (cached:
+    each tower build, and the bundle's reference check, would read the tokenizer again)."""
     from transformers import AutoTokenizer
 
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(tokenizer, "is_fast", False):
-        fast = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        fast = tokenizer.backend_tokenizer.to_str()
     elif model_type == "siglip":
-        fast = _siglip_fast_tokenizer(tokenizer)
+        fast = _siglip_fast_tokenizer(tokenizer).to_str()
     else:
         raise InputError(f"{folder}: its tokenizer ({type(tokenizer).__name__}) has no fast version (tokenizer.json)")
-    positions = int(getattr(config.text_config, "max_position_embeddings", 77))
     limit = int(getattr(tokenizer, "model_max_length", positions) or positions)
     max_length = min(positions, limit) if limit < 100_000 else positions
     siglip = model_type == "siglip"
-    pad = tokenizer.pad_token if tokenizer.pad_token is not None else None
-    return TextPreprocessor(fast, TextPreprocessConfig(max_length=min(max_length, SIGLIP_TEXT_LENGTH) if siglip
-                                                       else max_length, padding="max_length" if siglip else "longest",
-                                                       pad_token=str(pad) if pad is not None else None))
+    pad = tokenizer.pad_token
+    return fast, {"max_length": min(max_length, SIGLIP_TEXT_LENGTH) if siglip else max_length,
+                  "padding": "max_length" if siglip else "longest", "pad_token": None if pad is None else str(pad)}
+
+
+def text_preprocessor(location: Checkpoint, model_type: str, config) -> TextPreprocessor:
+    """The checkpoint's tokenizer (SigLIP's SentencePiece one converted), its pad token, its length
+    limit, and for SigLIP padding to 64 tokens, as its processor does."""
+    from tokenizers import Tokenizer
+
+    positions = int(getattr(config.text_config, "max_position_embeddings", 77))
+    fast, settings = _tokenizer_settings(str(location.folder), location.identity, model_type, positions)
+    return TextPreprocessor(Tokenizer.from_str(fast), TextPreprocessConfig(**settings))
 
 
 def _side(value, key: str) -> int:
@@ -351,7 +361,7 @@ class PairTextEncoder(_PairEncoder):
         model, config, model_type = _tower_model(location, "text", pretrained)
         self.pair_config, self.model_type, self.options = config, model_type, location.options
         if pretrained or (location.folder / "preprocessor_config.json").is_file():
-            preprocessor = text_preprocessor(location.folder, model_type, config)
+            preprocessor = text_preprocessor(location, model_type, config)
         else:  # a bundle's tower folder: load_bundle puts the saved preprocessing in its place
             from tokenizers import Tokenizer
 
