@@ -111,8 +111,29 @@ def _index(root, folder: Path, embedder, include, exclude, captions, options: di
     fusion, weights, fusion_bundle = (options.pop(key, None) for key in ("fusion", "weights", "fusion_bundle"))
     captions_map, strategy, source = item_fusion_settings(folder, embedder, _maybe_path(captions), fusion, weights,
                                                           _maybe_path(fusion_bundle))
+    engine, ray_options = _engine_options(options)
+    if engine == "ray":  # embedded by a pool of actors on a Ray cluster (mmretrieve.index.ray_engine)
+        from .index.ray_engine import RayEngine
+
+        with RayEngine(ray_options.get("ray_address"), options.pop("workers", None),
+                       ray_options.get("gpus_per_worker", 0)) as ray_engine:
+            return index_images(user_path(root), folder, embedder, include, exclude, captions=captions_map,
+                                fusion=strategy, captions_source=source, engine=ray_engine, **options)
     return index_images(user_path(root), folder, embedder, include, exclude, captions=captions_map, fusion=strategy,
                         captions_source=source, **options)
+
+
+def _engine_options(options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``engine`` ("local" or "ray") and the Ray options, taken out of ``options``."""
+    from .errors import InputError
+
+    engine = options.pop("engine", None) or "local"
+    ray_options = {key: options.pop(key) for key in ("ray_address", "gpus_per_worker") if key in options}
+    if engine not in ("local", "ray"):
+        raise InputError(f"engine must be \"local\" or \"ray\", not {engine!r}")
+    if engine == "local" and any(ray_options.values()):
+        raise InputError("ray_address and gpus_per_worker apply to engine=\"ray\"")
+    return engine, ray_options
 
 
 def build_index(root: str | Path, model: str, index_dir: str | Path | None = None, runtime: str = "auto",
@@ -122,7 +143,9 @@ def build_index(root: str | Path, model: str, index_dir: str | Path | None = Non
     (a data file) and ``fusion`` (a strategy name; ``weights``, ``fusion_bundle``) each image is
     indexed fused with its first caption. Links inside ``root`` are followed, and with
     ``follow_links`` those leaving it too; ``prune`` allows a run to remove more than a fifth of
-    the items under ``root``."""
+    the items under ``root``. ``engine="ray"`` embeds on a Ray cluster (``ray_address``; ``workers``
+    encoder actors with ``gpus_per_worker`` GPUs each), whose nodes read ``root`` and the model at the
+    same paths. The run's IndexReport is ``index.report`` (``report.workers``: per-worker throughput)."""
     from .index.scan import check_root
     from .runtime import load_embedder
 
@@ -132,11 +155,12 @@ def build_index(root: str | Path, model: str, index_dir: str | Path | None = Non
 
     folder = user_path(index_dir or default_index_dir("image")).resolve()
     embedder = load_embedder(_model(model), runtime, device)
-    _index(root, folder, embedder, tuple(options.pop("include", ())), tuple(options.pop("exclude", ())), captions,
-           options)
+    report = _index(root, folder, embedder, tuple(options.pop("include", ())), tuple(options.pop("exclude", ())),
+                    captions, options)
     index = Index.__new__(Index)
     index.folder = folder
     index.reader = IndexReader(folder, embedder=embedder)
+    index.report = report
     return index
 
 

@@ -515,7 +515,15 @@ def _index_model(folder: Path, rebuild: bool) -> str:
 @click.option("--texts", "texts_file", type=click.Path(exists=True),
               help="Index the captions of this data file instead of images (for image->text search).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (default: cores - 1).")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="Decoding processes (default: cores - 1); with --engine ray, encoder actors (default: the cluster's CPUs).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where images are embedded: this machine, or a Ray cluster (pip install \"mmretrieve[ray]\"); "
+                   "every Ray node must read PATH and the model at the same paths.")
+@click.option("--ray-address", help="With --engine ray: a running cluster (e.g. ray://HEAD:10001, or auto); "
+                                    "default: start a local one with this machine's CPUs.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True,
+              help="With --engine ray: GPUs each encoder actor reserves.")
 @click.option("--commit-every", type=click.IntRange(1), default=5000, show_default=True,
               help="Publish the index every N embedded images (a killed run keeps them either way).")
 @click.option("--runtime", default="auto", show_default=True, callback=registered("runtime"),
@@ -528,8 +536,8 @@ def _index_model(folder: Path, rebuild: bool) -> str:
               help="Allow this run to remove more than a fifth of the items under PATH (files gone or no longer included).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def index(path, model_ref, index_dir, include, exclude, index_type, memory_budget, captions_file, fusion, weights,
-          fusion_bundle, texts_file, batch_size, workers, commit_every, runtime, device, rebuild, follow_links, prune,
-          as_json):
+          fusion_bundle, texts_file, batch_size, workers, engine, ray_address, gpus_per_worker, commit_every, runtime,
+          device, rebuild, follow_links, prune, as_json):
     """Embed a folder of images (or a captions file) into a FAISS index.
 
     Re-running indexes only new or changed files and drops vanished ones; a killed run
@@ -545,10 +553,22 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
         raise click.UsageError("--fusion fuses images with their captions; it does not apply to --texts")
     if texts_file and (follow_links or prune):
         raise click.UsageError("--follow-links and --prune apply to a folder of images, not to --texts")
+    if engine != "ray" and (ray_address or gpus_per_worker):
+        raise click.UsageError("--ray-address and --gpus-per-worker apply to --engine ray")
+    if engine == "ray" and texts_file:
+        raise click.UsageError("--engine ray embeds images; index --texts on this machine (without --engine)")
     if path:
         from .index.scan import check_root
 
         check_root(path)  # a mistyped folder fails before a model is loaded or an index folder made
+    ray_engine = None
+    if engine == "ray":
+        from .index.ray_engine import RayEngine
+
+        ray_engine = RayEngine(ray_address, workers, gpus_per_worker, runtime=None if runtime == "auto" else runtime,
+                               device=device)
+        click.get_current_context().call_on_close(ray_engine.close)  # a cluster it started stops with the command
+        ray_engine.connect()  # Ray missing or the cluster unreachable: said before a model is loaded
     folder = Path(index_dir) if index_dir else default_index_dir("text" if texts_file else "image")
     if not model_ref:
         model_ref = _index_model(folder, rebuild)
@@ -569,7 +589,7 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
             workers = current_policy().decode_workers
         report = index_images(path, folder, embedder, include, exclude, index_type, batch_size, workers, commit_every,
                               captions, rebuild, memory_budget=_parse_size(memory_budget), fusion=strategy,
-                              captions_source=source, follow_links=follow_links, prune=prune)
+                              captions_source=source, follow_links=follow_links, prune=prune, engine=ray_engine)
     if as_json:
         echo_json(report.__dict__)
         return
@@ -578,6 +598,9 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
                f"unchanged {report.unchanged}, failed {len(report.failed)}"
                + (f", skipped {len(report.skipped)}" if report.skipped else "")
                + f"; {report.seconds:.1f}s, {report.items_per_s:.1f} items/s")
+    for worker in report.workers:
+        click.echo(f"  worker {worker['worker']}: {worker['items']} images in {worker['busy_s']:.1f}s busy, "
+                   f"{worker['items_per_s']:.1f} images/s")
     for note in report.notes:
         click.echo(note, err=True)
     if report.uncaptioned:

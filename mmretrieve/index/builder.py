@@ -47,6 +47,7 @@ class IndexReport:
     seconds: float = 0.0
     items_per_s: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the run did besides indexing files, said on stderr
+    workers: list[dict] = field(default_factory=list)  # an engine's per-worker throughput (--engine ray)
 
 
 def _check_model(store: IndexStore, embedder, rebuild: bool) -> None:
@@ -256,13 +257,14 @@ def index_images(root: str | Path, index_dir: str | Path, embedder, include: tup
                  workers: int = 1, commit_every: int = 5000, captions: dict[str, list[str]] | None = None,
                  rebuild: bool = False, progress: bool = True, memory_budget: int | None = None,
                  fusion=None, captions_source: str | None = None, follow_links: bool = False,
-                 prune: bool = False) -> IndexReport:
+                 prune: bool = False, engine=None) -> IndexReport:
     """``captions``: {resolved image path: captions}, stored with each item; ``fusion`` (a strategy
     from ``mmretrieve.fusion.resolve``) makes every item the image fused with its first caption.
     ``follow_links``: follow links that leave ``root`` too; ``prune``: allow a run to remove more
     than a fifth of the items under ``root`` (see ``scan.check_removal``). ``index_type`` None keeps
     the index's own; ``rebuild`` re-embeds everything into a new data folder, published only when
-    complete (see ``open_or_create``)."""
+    complete (see ``open_or_create``). ``engine`` embeds elsewhere (``ray_engine.RayEngine``) instead
+    of in ``workers`` local decoding processes and this process."""
     started = time.perf_counter()
     index_dir = Path(index_dir)
     if fusion is not None and captions is None:
@@ -276,6 +278,8 @@ def index_images(root: str | Path, index_dir: str | Path, embedder, include: tup
         raise nothing
     if fusion is not None:
         _check_captioned(Path(root), scan.files, _captions_by_found_path(captions, scan.files))
+    if engine is not None and scan.files:
+        engine.check_readable(Path(root).resolve(), scan.files[0].path)  # every worker reads the files
     with WriterLock(index_dir):
         if not scan.files and not (index_dir / MANIFEST).is_file():  # removed while we waited for the lock
             raise nothing
@@ -284,7 +288,8 @@ def index_images(root: str | Path, index_dir: str | Path, embedder, include: tup
         generation = store.generation
         try:
             report = _index_images(store, Path(root), embedder, include, exclude, batch_size, workers, commit_every,
-                                   captions, progress, memory_budget, started, fusion, follow_links, prune, scan)
+                                   captions, progress, memory_budget, started, fusion, follow_links, prune, scan,
+                                   engine)
             finish(store, report, generation, memory_budget)
             return report
         except InputError:
@@ -403,7 +408,7 @@ def _forget_gone_failures(store: IndexStore, failed_before: dict, found: list[Fi
 
 def _index_images(store: IndexStore, root: Path, embedder, include, exclude, batch_size, workers, commit_every,
                   captions, progress, memory_budget, started, fusion=None, follow_links=False,
-                  prune=False, scan: Scan | None = None) -> IndexReport:
+                  prune=False, scan: Scan | None = None, engine=None) -> IndexReport:
     scan = scan if scan is not None else scan_files(root, include, exclude, follow_links=follow_links)
     found = scan.files
     if not found and not store.count():
@@ -435,7 +440,7 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
     report = IndexReport(str(store.folder), unchanged=plan.unchanged, touched=len(plan.touched),
                          failed=still_failed, skipped=scan.skipped + plan.skipped)
     embedded = _embed_files(store, todo, embedder, batch_size, workers, commit_every, captions or {}, progress, report,
-                            memory_budget, fusion)
+                            memory_budget, fusion, engine)
     failed = {f["path"] for f in report.failed}
     report.updated = sum(1 for s in todo if s.path in known and s.path not in failed)
     report.added = sum(1 for s in todo if s.path not in known and s.path not in failed)
@@ -466,12 +471,15 @@ def _index_images(store: IndexStore, root: Path, embedder, include, exclude, bat
 
 def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size: int, workers: int,
                  commit_every: int, captions: dict[str, list[str]], progress: bool, report: IndexReport,
-                 memory_budget: int | None, fusion=None) -> int:
+                 memory_budget: int | None, fusion=None, engine=None) -> int:
     states = {s.path: s for s in todo}
     since_publish, embedded = 0, 0
+    paths = [s.path for s in todo]
     with progress_bar(total=len(todo), desc="index", unit="img", disable=not progress) as bar:
-        for batch in embed_image_batches([s.path for s in todo], embedder.image_preprocessor, embedder.embed_pixels,
-                                         batch_size, workers, bar):
+        # The engine (None: this machine) turns the files into batches of vectors and failures.
+        batches = engine.image_batches(paths, embedder, batch_size, bar) if engine is not None else \
+            embed_image_batches(paths, embedder.image_preprocessor, embedder.embed_pixels, batch_size, workers, bar)
+        for batch in batches:
             if batch.decoded:
                 items = [Item(0, d.path, states[d.path].size, states[d.path].mtime_ns, d.sha256, d.width, d.height,
                               captions.get(d.path)) for d in batch.decoded]
@@ -491,6 +499,8 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
             if not batch.final and since_publish >= commit_every:
                 publish(store, [], memory_budget)
                 since_publish = 0
+    if engine is not None:
+        report.workers = engine.worker_throughput()
     return embedded
 
 
