@@ -162,7 +162,7 @@ def test_info_on_a_folder_that_is_no_bundle(run, tmp_path):
 def test_startup_never_imports_torch(args):
     code = ("import sys; from mmretrieve.cli import main; sys.argv = ['mmretrieve', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'timm', 'faiss', 'onnxruntime') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'timm', 'faiss', 'onnxruntime', 'ray') if m in sys.modules]\n"
             "print('HEAVY', heavy, file=sys.stderr)")
     # mmretrieve and the plugin shipped with it; a third-party plugin installed here may import what it likes
     env = {**os.environ, plugins.ENV_LOAD: "offline-towers"}

@@ -283,7 +283,7 @@ def test_help_of_commands_with_plugin_kinds_imports_nothing_heavy(args):
 
     code = ("import sys; from mmretrieve.cli import main; sys.argv = ['mmretrieve', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'timm', 'faiss', 'onnxruntime') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'timm', 'faiss', 'onnxruntime', 'ray') if m in sys.modules]\n"
             "print('HEAVY', heavy, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in result.stderr, result.stderr
