@@ -17,7 +17,7 @@ from mmretrieve.cli import cli
 from mmretrieve.errors import InputError
 from mmretrieve.plugins import reset_host
 
-from tiny_open_clip import TINY_CONFIG, save_open_clip_folder
+from tiny_open_clip import TINY_CONFIG, save_open_clip_folder, save_tiny_xlm_roberta, variant_config
 
 TEXTS = [
     "A dog runs on the beach.",
@@ -113,6 +113,33 @@ def test_scores_equal_open_clips_cosine_and_projections_are_the_heads(tiny_clip_
     torch.testing.assert_close(model.image_head.weight, reference.visual.proj.detach().T)
     assert model.logit_scale.item() == pytest.approx(3.0)
     assert model.text_encoder.dim == 64 and model.embed_dim == 32
+
+
+@pytest.mark.parametrize("kind, split", [("siglip", {"text": False, "image": True}),
+                                         ("mobileclip", {"text": True, "image": False})])
+def test_other_open_clip_families_score_as_open_clip(kind, split, tmp_path, photos):
+    import shutil
+
+    hf = save_tiny_xlm_roberta(tmp_path / "tokenizer") if kind == "siglip" else None
+    folder = save_open_clip_folder(tmp_path / kind, *variant_config(kind, hf))
+    if hf is not None:  # open_clip reads a local-dir pair's HF tokenizer from its folder
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(hf / name, folder / name)
+    ref = f"open-clip:local-dir:{folder}"
+    model = load_bundle(resolve_model(ref)).eval()
+    texts = ["Deux chats, sur le canapé!", "a dog_runs on the beach", "两只猫在沙发上睡觉"]
+    _, tokenizer, _ = open_clip_reference(folder)
+    ids = model.text_encoder.preprocess(texts)["input_ids"]
+    np.testing.assert_array_equal(ids, tokenizer(texts).numpy()[:, :ids.shape[1]])
+    images = load_photos(photos)
+    text, image, reference = reference_embeddings(folder, texts, images)
+    np.testing.assert_allclose(model.embed("text", texts), text, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(model.embed("image", images), image, atol=1e-5, rtol=0)
+    # Only a bias-free linear projection becomes a head; the others stay in their tower.
+    assert {"text": model.text_encoder.projection is not None,
+            "image": model.image_encoder.projection is not None} == split
+    bias = read_bundle_info(resolve_model(ref)).manifest["metadata"]["logit_bias"]
+    assert bias == (pytest.approx(reference.logit_bias.detach().item()) if kind == "siglip" else None)
 
 
 def test_bundle_refers_to_the_checkpoint_and_rebuilds_its_architecture_offline(tiny_clip_dir):

@@ -63,3 +63,32 @@ def save_tiny_xlm_roberta(folder: Path) -> Path:
                      intermediate_size=64, max_position_embeddings=80, pad_token_id=1, bos_token_id=0,
                      eos_token_id=2).save_pretrained(folder)
     return folder
+
+
+def variant_config(kind: str, hf_tokenizer_dir: Path | None = None) -> tuple[dict, dict]:
+    """(model_cfg, preprocess_cfg) of tiny pairs built the way two other open_clip families are.
+
+    "siglip": a timm ViT trunk whose linear head projects (split off), a bidirectional text tower
+    pooling its *last* position (padding included) through a projection with a bias (kept in the
+    tower), an HF tokenizer behind open_clip's "canonicalize" cleaning, a logit bias, squashed
+    images. "mobileclip": a timm CNN whose classifier is the projection (kept in the tower), a
+    bidirectional CLIP text tower pooling at the end token (the 77-token padding matters).
+    """
+    if kind == "siglip":
+        vocab = json.loads((Path(hf_tokenizer_dir) / "config.json").read_text())["vocab_size"]
+        return ({"embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
+                 "vision_cfg": {"image_size": 32, "timm_model_name": "test_vit", "timm_model_pretrained": False,
+                                "timm_pool": "", "timm_proj": "linear"},
+                 "text_cfg": {"context_length": 16, "vocab_size": vocab, "hf_tokenizer_name": str(hf_tokenizer_dir),
+                              "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 64, "heads": 2, "layers": 2,
+                              "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
+                              "norm_kwargs": {"eps": 1e-6}}},
+                {"resize_mode": "squash", "mean": [0.5] * 3, "std": [0.5] * 3})
+    if kind == "mobileclip":
+        return ({"embed_dim": 32, "custom_text": True,
+                 "vision_cfg": {"timm_model_name": "test_efficientnet", "timm_model_pretrained": False,
+                                "timm_pool": "avg", "timm_proj": None, "image_size": 32},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                              "no_causal_mask": True}},
+                {"mean": [0.0] * 3, "std": [1.0] * 3})
+    raise ValueError(kind)
