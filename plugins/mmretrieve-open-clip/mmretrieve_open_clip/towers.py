@@ -47,12 +47,29 @@ HF_TEXT_DIR = "hf_text"  # an HF text tower's config.json, inside a bundle's tex
 
 # -- building open_clip models ------------------------------------------------------------------
 
+def _from_cache_first(load, what: str):
+    """``load()`` with the Hub cache only; when that fails, from the Hub if it answers, else one
+    sentence on working offline (open_clip reports a failed download as a RuntimeError)."""
+    from mmretrieve.encoders.hub import cache_only, hub_reachable
+
+    try:
+        with cache_only():
+            return load()
+    except (OSError, ValueError, RuntimeError):
+        if not hub_reachable():
+            raise InputError(f"{what} is not in the local cache and the model hub cannot be reached (or "
+                             f"HF_HUB_OFFLINE is set); give a checkpoint file (open-clip:ARCH:/path/to/checkpoint) "
+                             f"or folder (open-clip:local-dir:PATH), or download it once with network access") from None
+    return load()
+
+
 def model_config(model_name: str) -> dict[str, Any]:
     """open_clip's model config for a built-in name, ``local-dir:PATH`` or ``hf-hub:ORG/REPO``."""
     from open_clip.factory import get_model_config
 
     try:
-        config = get_model_config(model_name)
+        config = _from_cache_first(lambda: get_model_config(model_name), f"the open_clip config of {model_name}") \
+            if model_name.startswith(HF_HUB) else get_model_config(model_name)
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"cannot read the open_clip config of {model_name!r}: {str(exc).splitlines()[0]}") from None
     if config is None:
@@ -93,43 +110,37 @@ def build_random(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | Non
     return model.eval()
 
 
-def _hub_hint(model_name: str, weights: str | None) -> str:
-    if model_name.startswith(HF_HUB) or (weights and not os.path.isfile(weights)):
-        return ("; offline, download the checkpoint once and give its file (open-clip:ARCH:/path/to/"
-                "open_clip_model.safetensors) or folder (open-clip:local-dir:PATH)")
-    return ""
-
-
 def load_model(model_name: str, weights: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(open_clip model with pretrained weights, its model config). ``weights``: a pretrained tag
-    of ``model_name`` or a checkpoint file; ``local-dir:`` and ``hf-hub:`` names carry their own."""
+    of ``model_name`` or a checkpoint file; ``local-dir:`` and ``hf-hub:`` names carry their own.
+    Tags and Hub repositories come from the local cache first, from the Hub only when it answers."""
     import open_clip
 
-    from mmretrieve.encoders.hub import load_from_hub
-
     has_schema = model_name.startswith((LOCAL_DIR, HF_HUB))
-    if not has_schema and not weights:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise InputError(f"name the weights of open_clip's {model_name}: open-clip:{model_name}:TAG "
-                         f"(tags: {', '.join(tags) or 'none'}) or open-clip:{model_name}:/path/to/checkpoint")
+    is_file = bool(weights) and os.path.isfile(weights)
     config = model_config(model_name)
     _refuse_unsupported(config, model_name)
-    weights = os.path.expanduser(weights) if weights and os.path.sep in weights else weights
+    if not has_schema and not is_file:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if weights and (os.path.sep in weights or Path(weights).suffix):
+            raise InputError(f"no checkpoint file at {weights}")
+        if not weights or weights not in tags:
+            what = f"no pretrained {weights!r}" if weights else "no weights named"
+            raise InputError(f"{what} for open_clip's {model_name}: write open-clip:{model_name}:TAG (its tags: "
+                             f"{', '.join(tags) or 'none'}) or open-clip:{model_name}:/path/to/checkpoint")
 
     def create():
         return open_clip.create_model(model_name, pretrained=weights, force_custom_text=True,
                                       pretrained_text=False, pretrained_image=False)
 
     try:
-        if has_schema and model_name.startswith(LOCAL_DIR) or (weights and os.path.isfile(weights)):
+        if model_name.startswith(LOCAL_DIR) or is_file:
             model = create()
         else:
-            model = load_from_hub(create, f"open_clip's {model_name}" + (f" ({weights})" if weights else ""))
-    except InputError:
-        raise
+            model = _from_cache_first(create, f"open_clip's {model_name}" + (f" ({weights})" if weights else ""))
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot load open_clip's {model_name}" + (f" with {weights}" if weights else "") +
-                         f": {str(exc).splitlines()[0]}{_hub_hint(model_name, weights)}") from None
+        raise InputError(f"cannot load open_clip's {model_name}" + (f" from {weights}" if weights else "") +
+                         f": {str(exc).splitlines()[0]}") from None
     return model.eval(), config
 
 
