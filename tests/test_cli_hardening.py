@@ -145,13 +145,14 @@ def test_info_on_an_int8_export_shows_its_own_agreement_and_recall_gate(bundle, 
     text_cosine = manifest["agreement"]["text"]["min_cosine"]
     assert f"int8 vs PyTorch min cosine {text_cosine:.4f}" in shown.stdout
     assert "recall R@5:   fp32: t2i 80.00, i2t 80.00; int8: t2i 77.50, i2t 77.50" in shown.stdout
-    assert "recall gate:  FAILED, written with --force (int8 loses 2.50 points of t2i R@5; at most 1.0 allowed)" \
-        in shown.stdout
+    assert ("recall gate:  FAILED, written with --force (int8 loses 2.50 points of t2i R@5; at most 1.0 allowed "
+            "on each of R@1, R@5, R@10)") in shown.stdout
 
     checks = json.loads(invoke("info", tmp_path / "int8", "--json").stdout)["checks"]
     assert checks["precision"] == "int8" and checks["agreement"]["image"]["min_cosine"] == \
         manifest["agreement"]["image"]["min_cosine"]
     assert checks["recall"]["drop"] == {"t2i": 2.5, "i2t": 2.5} and checks["recall"]["passed"] is False
+    assert checks["recall"]["drops"]["i2t"] == {"R@1": 0.0, "R@5": 2.5, "R@10": 0.0}
 
     # The same export as if written with --force and no --eval-data: says the recall was not checked.
     export_json = tmp_path / "int8" / "export.json"

@@ -106,7 +106,7 @@ def test_parity_gate_refuses_a_graph_that_differs_from_torch(bundle, tmp_path, m
     assert list(tmp_path.iterdir()) == []  # nothing written, no staging folder left behind
 
 
-def test_int8_export_reports_recall_of_both_variants(bundle, colours, tmp_path):
+def test_int8_export_reports_recall_of_both_variants(bundle, exported, colours, tmp_path):
     # forced: the random tiny model's recall is near chance, so int8 moves it by whole queries
     manifest = export_model(str(bundle), tmp_path / "int8", precision="int8", eval_data=colours, force=True)
     assert read_export_info(tmp_path / "int8").precision == "int8"
@@ -117,6 +117,8 @@ def test_int8_export_reports_recall_of_both_variants(bundle, colours, tmp_path):
     assert manifest["int8_settings"]["per_channel"] is True
     graph = onnx.load(str(tmp_path / "int8" / "text.onnx"))
     assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in graph.graph.node)
+    # int8 slowed the image tower down (its one MatMul is the head), so it stays the fp32 graph
+    assert (tmp_path / "int8" / "image.onnx").read_bytes() == (exported / "image.onnx").read_bytes()
     embedder = OnnxEmbedder(tmp_path / "int8")
     assert embedder.fingerprint == read_bundle_info(bundle).fingerprint
     vectors = embedder.embed_texts(["a red dog", "a blue car"])
@@ -136,6 +138,21 @@ def test_recall_gate_refuses_a_drop_unless_forced(bundle, colours, tmp_path, mon
     assert not (tmp_path / "refused").exists()
     manifest = export_model(str(bundle), tmp_path / "forced", precision="int8", eval_data=colours, force=True)
     assert manifest["recall"]["results"]["int8"]["t2i"]["R@5"] == 77.5
+
+
+def test_recall_gate_checks_every_recall_at_k():
+    from mmretrieve.export.recall import require_recall
+
+    fp32 = {d: {"R@1": 30.0, "R@5": 60.0, "R@10": 70.0} for d in ("t2i", "i2t")}
+    lost_r10 = {"t2i": dict(fp32["t2i"]), "i2t": {"R@1": 30.4, "R@5": 60.0, "R@10": 67.8}}  # R@5 holds
+    with pytest.raises(ExportError, match=r"loses 2.20 points of i2t R@10 \(70.00 -> 67.80; at most 1.0 allowed "
+                                          r"on each of R@1, R@5, R@10\)"):
+        require_recall(fp32, lost_r10, "int8", force=False)
+    lost_r1 = {"t2i": {"R@1": 28.5, "R@5": 60.5, "R@10": 70.0}, "i2t": dict(fp32["i2t"])}
+    with pytest.raises(ExportError, match="loses 1.50 points of t2i R@1"):
+        require_recall(fp32, lost_r1, "int8", force=False)
+    require_recall(fp32, lost_r10, "int8", force=True)  # --force keeps it
+    require_recall(fp32, {d: {k: v - 1.0 for k, v in r.items()} for d, r in fp32.items()}, "int8", force=False)
 
 
 def test_fp16_export_runs_on_cpu_and_reports_its_agreement(bundle, tmp_path):

@@ -6,8 +6,11 @@ from pathlib import Path
 
 from ..errors import ExportError
 
-MAX_RECALL_DROP = 1.0  # points of Recall@5, in either direction, against the fp32 export
-GATED = "R@5"
+MAX_RECALL_DROP = 1.0  # points of each gated Recall@K, in either direction, against the fp32 export
+# Every R@K is gated: an int8 export of `default` passed on R@5 and lost 2.2 points of i2t R@10.
+GATED_METRICS = ("R@1", "R@5", "R@10")
+GATED = "R@5"  # the one `info` shows as a line of figures; the gate checks all of GATED_METRICS
+DIRECTIONS = ("t2i", "i2t")
 
 
 def onnx_embedder(folder: Path):
@@ -25,12 +28,24 @@ def recall_report(folder: Path, items, progress: bool = False) -> dict[str, dict
     return evaluate_embedder(onnx_embedder(folder), items, progress=progress)
 
 
+def recall_drops(fp32: dict, reduced: dict) -> dict[str, dict[str, float]]:
+    """Points lost from fp32 to the reduced export: {direction: {metric: drop}} (negative: a gain)."""
+    return {d: {metric: fp32[d][metric] - reduced[d][metric] for metric in GATED_METRICS} for d in DIRECTIONS}
+
+
+def worst_drop(fp32: dict, reduced: dict) -> tuple[str, str, float]:
+    """(direction, metric, points) of the largest loss; on a tie the first of t2i/i2t, then R@1/5/10."""
+    drops = recall_drops(fp32, reduced)
+    return max(((d, metric, drops[d][metric]) for d in DIRECTIONS for metric in GATED_METRICS),
+               key=lambda row: row[2])
+
+
 def require_recall(fp32: dict, reduced: dict, precision: str, force: bool) -> None:
-    drops = {direction: fp32[direction][GATED] - reduced[direction][GATED] for direction in ("t2i", "i2t")}
-    worst = max(drops, key=drops.get)
-    if drops[worst] > MAX_RECALL_DROP and not force:
+    direction, metric, drop = worst_drop(fp32, reduced)
+    if drop > MAX_RECALL_DROP and not force:
         raise ExportError(
-            f"the {precision} export loses {drops[worst]:.2f} points of {worst} {GATED} "
-            f"({fp32[worst][GATED]:.2f} -> {reduced[worst][GATED]:.2f}; at most {MAX_RECALL_DROP} allowed), "
-            f"so it was not written; export fp32, or pass --force to keep it anyway"
+            f"the {precision} export loses {drop:.2f} points of {direction} {metric} "
+            f"({fp32[direction][metric]:.2f} -> {reduced[direction][metric]:.2f}; at most {MAX_RECALL_DROP} allowed "
+            f"on each of {', '.join(GATED_METRICS)}), so it was not written; export fp32, or pass --force to keep "
+            f"it anyway"
         )
