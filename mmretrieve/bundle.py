@@ -154,7 +154,7 @@ def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = Non
             "mmretrieve_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fingerprint": _fingerprint(files[WEIGHTS], towers),
-            "embed_dim": model.config.embed_dim,
+            "embed_dim": model.embed_dim,
             "parameters": total,
             "stored_parameters": int(sum(v.numel() for v in state.values())),
             "files": files,
@@ -394,14 +394,17 @@ def load_tower(info: BundleInfo, name: str):
     from safetensors import safe_open
     from torch import nn
 
-    from .model import make_head
+    from .model import TowerProjection
 
     if name not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, not {name!r}")
     encoder = _rebuild_tower(info, name)
-    head = make_head(info.config.head, encoder.dim, info.config.embed_dim)
+    # The head, and for images a label bridge if the model has one: tower features -> the embedding.
+    head = TowerProjection(info.config, name, encoder.dim, int(info.model["towers"]["text"]["dim"]))
     pair = nn.ModuleDict({"tower": encoder.module, "head": head})
-    prefixes = {f"{name}_tower.": "tower.", f"{name}_head.": "head."}
+    prefixes = {f"{name}_tower.": "tower.", f"{name}_head.": f"head.{name}_head."}
+    if head.bridge is not None:
+        prefixes["bridge."] = "head.bridge."
     state = {}
     with safe_open(str(info.path / WEIGHTS), framework="pt") as weights:
         for key in weights.keys():

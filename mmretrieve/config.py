@@ -22,6 +22,19 @@ class TowerConfig:
 
 
 @dataclass
+class BridgeConfig:
+    enabled: bool = False  # add the label bridge (mmretrieve/bridge.py) beside the heads' space
+    classifier: str = ""  # "module:function" returning the image tower's classifier (weight, bias)
+    classes: str = "imagenet-1k"  # the classifier's class names (timm's ImageNet class descriptions)
+    synonyms: int = 1  # names per class used: the first N lemmas of its description
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # prompts; {} is the class name
+    top_t: int = 10  # classes kept per image (their probabilities renormalised)
+    temperature: float = 1.0  # softmax temperature on the classifier's logits
+    weight: float = 0.5  # w: share of the heads' similarity; the bridge's is 1 - w
+    num_classes: int = 0  # the classifier's class count, set when the bridge is built
+
+
+@dataclass
 class ModelConfig:
     text: TowerConfig = field(default_factory=lambda: TowerConfig("bert"))  # the text tower
     image: TowerConfig = field(default_factory=lambda: TowerConfig("timm"))  # the image tower
@@ -29,6 +42,7 @@ class ModelConfig:
     head: str = "linear"  # projection head per tower: "linear" (no bias, as CLIP) or "mlp"
     init_temperature: float = 0.07  # softmax temperature at start; learned, stored as log(1/T)
     max_logit_scale: float = 100.0  # clamp on 1/T, as CLIP does, against a collapsing loss
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)  # zero-shot label bridge (off by default)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -165,6 +179,7 @@ class TrainConfig:
     seed: int = 0  # model init, caption choice, data order and split
     workers: int = 2  # data-loading processes (decoding and preprocessing images)
     cache_frozen: bool = True  # embed frozen towers once and train on cached features
+    bridge_weights: list[float] = field(default_factory=list)  # label bridge: mixing weights tried at each validation; the best is kept
     strict_data: bool = False  # stop on the first unreadable image or malformed record
     bundle_towers: str = "auto"  # embed: bundles hold every weight; reference: towers' unchanged weights stay in their encoder's plugin (or checkpoint); auto: as the init bundle stores them (a pretrained pair: reference), else embed
     output: str = "runs/latest"  # run folder: best/ bundle, checkpoint/, metrics.jsonl, curves.png

@@ -45,7 +45,7 @@ def embed_captioned_set(model, items: list[CaptionedImage], batch_size: int, dev
     from .embedding import tower_features
 
     def through(modality, encoder, inputs, cached):
-        head = model.image_head if modality == "image" else model.text_head
+        head = model.projection(modality)  # the head (and the label bridge, if the model has one)
         if cached is None:
             cached = torch.from_numpy(tower_features(encoder, inputs, batch_size, device, workers, progress=progress))
         return project(head, cached, device)

@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "mmretrieve.data", "mmretrieve.metrics", "mmretrieve.hookspecs", "mmretrieve.decode",
               "mmretrieve.embedding", "mmretrieve.threads", "mmretrieve.allocator")),
     ("plugin core", ("mmretrieve.specs", "mmretrieve.registry", "mmretrieve.plugins", "mmretrieve.default_plugins")),
-    ("encoders/model", ("mmretrieve.encoders", "mmretrieve.model", "mmretrieve.bundle", "mmretrieve.pairs")),
+    ("encoders/model", ("mmretrieve.encoders", "mmretrieve.bridge", "mmretrieve.model", "mmretrieve.bundle",
+                        "mmretrieve.pairs")),
     ("train/evaluate", ("mmretrieve.train", "mmretrieve.evaluate", "mmretrieve.embed")),
     ("fusion", ("mmretrieve.fusion",)),
     # "=name": that module alone. mmretrieve.runtime itself is the runtimes' factory (load_embedder picks a

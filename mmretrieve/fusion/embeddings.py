@@ -47,6 +47,6 @@ def embed_captioned(model, items: list[CaptionedImage], cache_dir: str | Path | 
                                            device, f"image-{label}", tower_fingerprint(model.image_encoder), workers)
     text_features = cached_tower_features(model.text_encoder, all_captions(items), cache, batch_size,
                                           device, f"text-{label}", tower_fingerprint(model.text_encoder), workers)
-    images = project(model.image_head, image_features, device)
-    texts = project(model.text_head, text_features, device)
+    images = project(model.projection("image"), image_features, device)
+    texts = project(model.projection("text"), text_features, device)
     return CaptionedEmbeddings(images.astype(np.float32), texts.astype(np.float32), caption_owners(items))

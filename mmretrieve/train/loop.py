@@ -162,14 +162,19 @@ class ContrastiveStep(nn.Module):
 
     def embed(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
+        # model.project: the heads, and the label bridge's fixed part beside them if the model has one.
         if self.image_cache is not None:
-            image = model.image_head(self.image_cache[batch["image_row"].to(self.image_cache.device)].to(device))
+            image = model.project("image", self.image_cache[batch["image_row"].to(self.image_cache.device)].to(device),
+                                  normalize=False)
         else:
-            image = model.image_head(model.image_tower(**{k: v.to(device) for k, v in batch["image_inputs"].items()}))
+            image = model.project("image", model.image_tower(**{k: v.to(device) for k, v in batch["image_inputs"].items()}),
+                                  normalize=False)
         if self.text_cache is not None:
-            text = model.text_head(self.text_cache[batch["caption_row"].to(self.text_cache.device)].to(device))
+            text = model.project("text", self.text_cache[batch["caption_row"].to(self.text_cache.device)].to(device),
+                                 normalize=False)
         else:
-            text = model.text_head(model.text_tower(**{k: v.to(device) for k, v in batch["text_inputs"].items()}))
+            text = model.project("text", model.text_tower(**{k: v.to(device) for k, v in batch["text_inputs"].items()}),
+                                 normalize=False)
         return nn.functional.normalize(image, dim=-1), nn.functional.normalize(text, dim=-1)
 
     def forward(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -429,9 +434,25 @@ class Trainer:
         metrics = None
         if self.main:
             cached = {f"{k}_features": v for k, v in self.val_caches.items()}
-            metrics = evaluate_model(self.model, self.val_items, batch_size=64, device=self.device,
-                                     workers=self.config.workers, progress=False, **cached)
+            metrics = self._choose_bridge_weight(lambda: evaluate_model(
+                self.model, self.val_items, batch_size=64, device=self.device, workers=self.config.workers,
+                progress=False, **cached))
         barrier(self.dist)
+        return metrics
+
+    def _choose_bridge_weight(self, evaluate) -> dict[str, dict[str, float]]:
+        """With a label bridge and ``bridge_weights``, validate each mixing weight and keep the best
+        (the model's config holds it, so the bundle saved next uses it); else one evaluation."""
+        weights = self.config.bridge_weights if getattr(self.model, "bridge", None) is not None else []
+        if not weights:
+            return evaluate()
+        scored = []
+        for weight in weights:
+            self.model.config.bridge.weight = float(weight)
+            scored.append((evaluate(), float(weight)))
+        metrics, weight = max(scored, key=lambda pair: mean_recall(pair[0]))  # the first of equals
+        self.model.config.bridge.weight = weight
+        log.info("label bridge: weight %.2f chosen on validation (mean recall %.2f)", weight, mean_recall(metrics))
         return metrics
 
     def _log(self, record: dict[str, Any]) -> None:

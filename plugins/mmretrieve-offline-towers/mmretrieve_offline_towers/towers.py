@@ -49,3 +49,16 @@ def efficientnet_lite0(pretrained: bool = True, model_kwargs: dict[str, Any] | N
         # must fit exactly.
         encoder.module.model.load_state_dict(weights.load_timm_state_dict(include_classifier=False), strict=True)
     return encoder
+
+
+def efficientnet_lite0_classifier():
+    """The ImageNet-1k classifier of the same weights, ``(weight (1000, 1280), bias (1000,))``, for
+    the label bridge (``model.bridge.classifier``); classes in timm's ImageNet order."""
+    from . import efficientnet_weights as weights
+
+    model = weights.build_timm_model(num_classes=1000)
+    state = weights.load_timm_state_dict(include_classifier=True)
+    keys = weights.classifier_keys(model)
+    weight = next(state[k] for k in keys if k.endswith("weight"))
+    bias = next(state[k] for k in keys if k.endswith("bias"))
+    return weight, bias
