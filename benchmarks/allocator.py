@@ -3,7 +3,8 @@
 Each variant runs in a fresh child process (the allocator's state is per process), in turn, for
 ``--rounds`` interleaved rounds: the torch runtime's image tower (``--model``, default `default`)
 embeds ``--batches`` batches of 32 random 224 px images after one warm-up batch. Printed per
-run and as medians: images/s, minor page faults per image, user and system CPU seconds, and
+run and as medians: images/s, images per CPU second (user + system time: steadier than the wall
+clock when other processes share the cores), minor page faults per image, user and system CPU seconds, and
 the child's peak resident memory (ru_maxrss), with the ratio to glibc's defaults.
 
     python benchmarks/allocator.py [--model default] [--batches 6] [--rounds 3] [--quick]
@@ -68,7 +69,8 @@ def main() -> None:
         return
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    print("| round | variant | img/s | minor faults/img | user s | sys s | peak RSS MB |\n|---:|---|---:|---:|---:|---:|---:|")
+    print("| round | variant | img/s | img per CPU s | minor faults/img | user s | sys s | peak RSS MB |\n"
+          "|---:|---|---:|---:|---:|---:|---:|---:|")
     for round_ in range(1, args.rounds + 1):
         for name, extra in VARIANTS.items():
             env = {k: v for k, v in os.environ.items() if k != "MMRETRIEVE_MALLOC_TUNING" and not k.startswith("MALLOC_")}
@@ -79,17 +81,22 @@ def main() -> None:
                 sys.exit(f"{name} failed:\n{done.stderr}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs[name].append(result)
-            print(f"| {round_} | {name} | {result['img_s']:.1f} | {result['faults_per_img']:.0f} | "
+            result["img_cpu_s"] = args.batches * 32 / (result["user_s"] + result["sys_s"])
+            print(f"| {round_} | {name} | {result['img_s']:.1f} | {result['img_cpu_s']:.1f} | "
+                  f"{result['faults_per_img']:.0f} | "
                   f"{result['user_s']:.2f} | {result['sys_s']:.2f} | {result['peak_rss_mb']:.0f} |", flush=True)
     base = statistics.median(r["img_s"] for r in runs["glibc defaults"])
     base_rss = statistics.median(r["peak_rss_mb"] for r in runs["glibc defaults"])
-    print(f"\n| variant (median of {args.rounds}) | img/s | vs glibc defaults | minor faults/img | peak RSS MB | "
-          f"RSS vs defaults |\n|---|---:|---:|---:|---:|---:|")
+    base_cpu = statistics.median(r["img_cpu_s"] for r in runs["glibc defaults"])
+    print(f"\n| variant (median of {args.rounds}) | img/s | vs glibc defaults | img per CPU s | vs defaults | "
+          f"minor faults/img | peak RSS MB | RSS vs defaults |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, results in runs.items():
         rate = statistics.median(r["img_s"] for r in results)
         rss = statistics.median(r["peak_rss_mb"] for r in results)
         faults = statistics.median(r["faults_per_img"] for r in results)
-        print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {faults:.0f} | {rss:.0f} | {rss / base_rss:.2f}x |")
+        cpu = statistics.median(r["img_cpu_s"] for r in results)
+        print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {cpu:.1f} | {cpu / base_cpu:.2f}x | {faults:.0f} | "
+              f"{rss:.0f} | {rss / base_rss:.2f}x |")
     load_after = os.getloadavg()
     print(f"\nload average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores; batch 32, "

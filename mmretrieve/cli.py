@@ -42,6 +42,10 @@ def cli(ctx: click.Context, verbose: int) -> None:
         from .threads import use_policy
 
         use_policy(job)
+    if job == "train":  # torch's activations reused, not faulted in again each step (mmretrieve/allocator.py)
+        from .allocator import tune_allocator
+
+        tune_allocator()
 
 
 # The thread policy each command runs under (`serve` applies its own, with --threads).
