@@ -24,7 +24,7 @@ from mmretrieve.cli import cli
 pytest.importorskip("onnxruntime")
 pytestmark = [pytest.mark.slow, pytest.mark.onnx]
 
-OPEN_CLIP_TESTS = Path(__file__).resolve().parents[1] / "plugins" / "mmretrieve-open-clip" / "tests" / "conftest.py"
+OPEN_CLIP_TINY = Path(__file__).resolve().parents[1] / "plugins" / "mmretrieve-open-clip" / "tests" / "tiny_open_clip.py"
 KINDS = ("clip", "siglip", "open-clip")
 
 
@@ -36,10 +36,10 @@ def run(*args, ok: bool = True):
 
 
 def tiny_open_clip(folder: Path) -> Path:
-    """The open-clip plugin's own tiny random pair (its tests' builder), or a skip without the plugin."""
-    if importlib.util.find_spec("mmretrieve_open_clip") is None or not OPEN_CLIP_TESTS.is_file():
+    """The open-clip plugin's own tiny random pair (its tests' tiny_open_clip.py), or a skip without the plugin."""
+    if importlib.util.find_spec("mmretrieve_open_clip") is None or not OPEN_CLIP_TINY.is_file():
         pytest.skip("the mmretrieve-open-clip plugin is not installed (it tests its pairs itself)")
-    spec = importlib.util.spec_from_file_location("open_clip_plugin_tests", OPEN_CLIP_TESTS)
+    spec = importlib.util.spec_from_file_location("tiny_open_clip", OPEN_CLIP_TINY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.save_open_clip_folder(folder, module.TINY_CONFIG)
