@@ -2,7 +2,9 @@
 
 ``decode_images(paths, preprocessor, workers)`` is what every reader uses (the indexer, eval,
 ``mmretrieve embed``, training's feature cache): each path becomes a ``Decoded`` with its pixels,
-or with the reason it could not be used; nothing raises. ``ordered_map`` is the pool underneath,
+or with the reason it could not be used; nothing raises. Pixels are the resized, cropped image as
+uint8 (``ImagePreprocessor.resize_crop``): a quarter of the float32 bytes to send from a worker;
+the embedder normalises them (in the ONNX graph, or ``ImagePreprocessor.normalize``). ``ordered_map`` is the pool underneath,
 worker processes by default (preprocessing holds the GIL), threads where the work releases it.
 Only regular files under the size limit of ``mmretrieve.images`` are read.
 """
@@ -27,7 +29,7 @@ _preprocessor = None  # set in each worker process by init_worker
 @dataclass
 class Decoded:
     path: str
-    pixels: np.ndarray | None
+    pixels: np.ndarray | None  # uint8 (size, size, 3) from ImagePreprocessor.resize_crop
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
@@ -42,7 +44,7 @@ def init_worker(preprocessor) -> None:
 
 
 def decode_one(path: str, preprocessor=None) -> Decoded:
-    """Read the file once: hash its bytes, decode, preprocess. Never raises: any failure
+    """Read the file once: hash its bytes, decode, resize and crop to uint8. Never raises: any failure
     (a special or oversized file, a corrupt image, running out of memory) becomes a reason."""
     preprocessor = preprocessor or _preprocessor
     digest = None
@@ -52,7 +54,7 @@ def decode_one(path: str, preprocessor=None) -> Decoded:
         image = load_image(data, name=path)
         del data
         width, height = image.info.get("source_size", image.size)
-        return Decoded(path, preprocessor.transform(image), width, height, digest)
+        return Decoded(path, preprocessor.resize_crop(image), width, height, digest)
     except ImageInputError as exc:
         return Decoded(path, None, sha256=digest, error=exc.reason)
     except MemoryError:

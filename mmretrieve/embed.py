@@ -116,8 +116,10 @@ def run_embed(inputs: dict[str, list], out: Path, rows_format: str, encoder_name
     if inputs["text"]:
         results.append(("text", embed_texts(inputs["text"]), inputs["text"]))
     if inputs["image"]:
+        normalize = image_tower.preprocessor.normalize  # the pool sends uint8 pixels
         matrix, good, skipped = embed_images_tolerant(inputs["image"], image_tower.preprocessor,
-                                                      lambda pixels: run({"pixel_values": pixels}), batch_size, dim)
+                                                      lambda pixels: run({"pixel_values": normalize(pixels)}),
+                                                      batch_size, dim)
         if matrix is None:
             raise InputError(f"none of the {len(inputs['image'])} images could be read; nothing to embed")
         results.append(("image", matrix, good))

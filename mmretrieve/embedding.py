@@ -65,7 +65,8 @@ class ImageBatch:
 
 def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callable[[np.ndarray], np.ndarray],
                         batch_size: int, workers: int = 0, bar=None, strict: bool = False) -> Iterator[ImageBatch]:
-    """Decode ``paths`` in ``workers`` processes and embed them ``batch_size`` at a time.
+    """Decode ``paths`` in ``workers`` processes and embed them ``batch_size`` at a time
+    (``embed_pixels`` gets uint8 (n, size, size, 3), as ``EmbedderProtocol.embed_pixels`` takes).
 
     Every image ends up in exactly one batch's ``decoded`` or ``failed``; the bar advances by
     one per image, after its batch has been handled. ``strict`` raises InputError naming the
@@ -145,8 +146,10 @@ def tower_features(encoder, inputs: list, batch_size: int, device, workers: int 
                              device, progress, desc=desc)
     run = torch_rows(encoder.module, forward, device)
     with progress_bar(total=len(inputs), unit="image", desc=desc, disable=not progress) as bar:
-        features, _, _ = embed_image_paths(inputs, encoder.preprocessor, lambda pixels: run({"pixel_values": pixels}),
-                                           batch_size, encoder.dim, workers, bar, strict=True)
+        # the pool sends uint8 pixels; the tower takes them normalised (bit for bit its preprocess)
+        features, _, _ = embed_image_paths(
+            inputs, encoder.preprocessor, lambda pixels: run({"pixel_values": encoder.preprocessor.normalize(pixels)}),
+            batch_size, encoder.dim, workers, bar, strict=True)
     return features
 
 

@@ -169,7 +169,11 @@ class EmbedderProtocol(Protocol):
     text_preprocessor: Any  # a mmretrieve.preprocess.TextPreprocessor (torch-free)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, 3, h, w) float32 from ``image_preprocessor`` -> (n, embed_dim) L2-normalised float32."""
+        """Preprocessed images -> (n, embed_dim) L2-normalised float32. ``pixels`` is uint8
+        (n, size, size, 3) from ``image_preprocessor.resize_crop`` (what the decode pool sends the
+        indexer, eval and ``embed``); a runtime normalises them itself (``image_preprocessor.normalize``
+        gives the model's float input bit for bit, or its graph does). Normalised float32
+        (n, 3, size, size), as ``image_preprocessor.transform`` makes, must still be accepted."""
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """n texts -> (n, embed_dim) L2-normalised float32."""

@@ -63,11 +63,21 @@ class ImagePreprocessor:
 
     def __init__(self, config: ImagePreprocessConfig):
         self.config = config
-        self._mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+        self._mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1)
+        self._std = np.asarray(config.std, dtype=np.float32).reshape(3, 1)
+        # Every value a channel's byte can become, computed with exactly the float32 operations of
+        # the float path (scale to [0, 1], subtract the mean, divide by the std), so a lookup in
+        # it is bit-identical to converting and normalising each pixel (and the ONNX graph of
+        # mmretrieve.export looks values up in this same table).
+        self.table = (np.arange(256, dtype=np.float32)[None, :] / 255.0 - self._mean) / self._std
 
     def transform(self, image: Image.Image) -> np.ndarray:
-        """(3, size, size) float32 of an RGB image.
+        """(3, size, size) float32 of an RGB image: ``normalize(resize_crop(image))``."""
+        return self.normalize(self.resize_crop(image))
+
+    def resize_crop(self, image: Image.Image) -> np.ndarray:
+        """(size, size, 3) uint8 of an RGB image, resized and cropped: what the decode workers
+        send (a quarter of the float32 bytes); ``normalize`` makes the model's input of it.
 
         Memory is bounded by the output: when resizing the whole image would make more than
         ``BOUNDED_ABOVE`` times the output's pixels (a panorama, a thin strip), only the centre
@@ -75,9 +85,8 @@ class ImagePreprocessor:
         """
         size = self.config.size
         if self.config.resize == "squash":  # the aspect ratio is not kept; nothing is cut away
-            array = np.asarray(image.resize((size, size), _PIL_INTERPOLATION[self.config.interpolation]),
-                               dtype=np.float32).transpose(2, 0, 1) / 255.0
-            return (array - self._mean) / self._std
+            return np.asarray(image.resize((size, size), _PIL_INTERPOLATION[self.config.interpolation]),
+                              dtype=np.uint8)
         scale = math.floor(size / self.config.crop_pct)
         width, height = image.size
         # Same arithmetic as torchvision's Resize and CenterCrop, so outputs match timm exactly.
@@ -99,12 +108,35 @@ class ImagePreprocessor:
             sx, sy = width / new_w, height / new_h
             image = image.resize((size, size), resample, box=(left * sx, top * sy, (left + size) * sx,
                                                                (top + size) * sy))
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return (array - self._mean) / self._std
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (n, h, w, 3) or (h, w, 3) from ``resize_crop`` -> the model's float32 input,
+        (n, 3, h, w) or (3, h, w): bit for bit what converting to float, scaling to [0, 1] and
+        normalising each channel gives (a lookup in ``table``)."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.shape[-1] != 3:
+            raise ValueError(f"normalize takes uint8 (..., h, w, 3) pixels, not {pixels.dtype} {pixels.shape}")
+        single = pixels.ndim == 3
+        batch = pixels[None] if single else pixels
+        out = np.empty((batch.shape[0], 3) + batch.shape[1:3], dtype=np.float32)
+        for channel in range(3):
+            out[:, channel] = self.table[channel][batch[..., channel]]
+        return out[0] if single else out
+
+    def to_uint8(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised float32 (n, 3, h, w) back to uint8 (n, h, w, 3): exact for pixels that
+        ``normalize`` made (for a graph that takes uint8); other values go to the nearest byte."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        values = (pixels * self._std.reshape(1, 3, 1, 1) + self._mean.reshape(1, 3, 1, 1)) * np.float32(255.0)
+        return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
     def __call__(self, items: Sequence) -> dict[str, np.ndarray]:
-        batch = np.stack([self.transform(load_image(item)) for item in items])
-        return {"pixel_values": batch.astype(np.float32, copy=False)}
+        return {"pixel_values": self.normalize(self.uint8_batch(items))}
+
+    def uint8_batch(self, items: Sequence) -> np.ndarray:
+        """(n, size, size, 3) uint8 of images or paths: ``resize_crop`` of each."""
+        return np.stack([self.resize_crop(load_image(item)) for item in items])
 
     def save(self, folder: Path) -> None:
         (Path(folder) / self.file_name).write_text(json.dumps(asdict(self.config), indent=2))

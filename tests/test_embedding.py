@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mmretrieve"
 class SizePreprocessor:
     """A torch-free stand-in: an image becomes [width, height]."""
 
-    def transform(self, image):
+    def resize_crop(self, image):
         return np.array(image.size, dtype=np.float32)
 
 
@@ -54,6 +54,20 @@ def test_image_batches_hold_every_image_once_with_failures_and_their_reasons(mix
     assert [b.final for b in batches] == [False, False, True]
     assert batches[0].vectors.tolist() == [[100, 200], [300, 400]] and batches[-1].vectors is None
     assert bar.n == len(mixed_paths)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_decode_pool_sends_uint8_pixels_that_normalise_to_the_float_transform(mixed_paths, workers):
+    from mmretrieve.decode import decode_images
+    from mmretrieve.images import load_image
+    from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
+
+    preprocessor = ImagePreprocessor(ImagePreprocessConfig(size=24, interpolation="bilinear"))
+    decoded = [d for d in decode_images(mixed_paths, preprocessor, workers) if d.error is None]
+    assert len(decoded) == 4
+    for d in decoded:
+        assert d.pixels.dtype == np.uint8 and d.pixels.shape == (24, 24, 3)  # a quarter of float32's bytes
+        assert np.array_equal(preprocessor.normalize(d.pixels), preprocessor.transform(load_image(d.path)))
 
 
 def test_strict_image_embedding_names_the_first_image_that_fails(mixed_paths):

@@ -117,6 +117,45 @@ def test_ordinary_photos_preprocess_bit_identical_to_resize_then_crop(interpolat
             assert np.array_equal(preprocessor.transform(image), _resize_then_crop(image, config)), (size, shape)
 
 
+@pytest.mark.parametrize("settings", [{}, {"interpolation": "bilinear", "size": 64},
+                                      {"interpolation": "nearest", "crop_offset": "floor", "size": 33},
+                                      {"interpolation": "lanczos", "crop_pct": 1.0, "mean": (0.5, 0.5, 0.5),
+                                       "std": (0.5, 0.5, 0.5)},
+                                      {"resize": "squash", "size": 48, "mean": (0.48145466, 0.4578275, 0.40821073),
+                                       "std": (0.26862954, 0.26130258, 0.27577711)}])
+def test_the_uint8_path_normalises_bit_identical_to_the_float_path(settings):
+    """resize_crop's bytes (what the decode workers send) through normalize, one at a time or as a
+    batch, are bit for bit the float32 conversion and normalisation of the same resized image."""
+    from mmretrieve.preprocess import _PIL_INTERPOLATION, ImagePreprocessConfig, ImagePreprocessor
+
+    config = ImagePreprocessConfig(**settings)
+    preprocessor = ImagePreprocessor(config)
+    images = [random_image(seed, shape) for seed, shape in enumerate([(640, 480), (97, 61), (30, 90), (1000, 334),
+                                                                      (48, 48)])]
+    batch = np.stack([preprocessor.resize_crop(image) for image in images])
+    assert batch.dtype == np.uint8 and batch.shape == (len(images), config.size, config.size, 3)
+    normalised = preprocessor.normalize(batch)
+    assert normalised.dtype == np.float32 and normalised.shape == (len(images), 3, config.size, config.size)
+    mean, std = (np.asarray(v, dtype=np.float32).reshape(3, 1, 1) for v in (config.mean, config.std))
+    for image, pixels, row in zip(images, batch, normalised):
+        if config.resize == "squash":
+            resized = image.resize((config.size, config.size), _PIL_INTERPOLATION[config.interpolation])
+            array = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            expected = (array - mean) / std
+        else:
+            expected = _resize_then_crop(image, config) if config.crop_offset == "round" else preprocessor.transform(image)
+            # the float arithmetic on the very bytes resize_crop made
+            assert np.array_equal(expected, (np.asarray(pixels, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std)
+        assert expected.tobytes() == row.tobytes() == preprocessor.normalize(pixels).tobytes()
+        assert np.array_equal(preprocessor.transform(image), expected)
+    # normalised floats go back to exactly their bytes (for a graph that takes uint8), every byte value
+    every_value = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None, None], (1, 256, 2, 3)).copy()
+    assert np.array_equal(preprocessor.to_uint8(preprocessor.normalize(every_value)), every_value)
+    assert np.array_equal(preprocessor.to_uint8(normalised), batch)
+    with pytest.raises(ValueError, match="uint8"):
+        preprocessor.normalize(normalised)
+
+
 def test_a_thin_strip_is_resampled_without_a_large_intermediate(monkeypatch):
     from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
 
@@ -314,11 +353,11 @@ def test_decode_one_turns_every_failure_into_a_reason(tmp_path):
     random_image(0).save(tmp_path / "ok.png")
 
     class Exhausted:
-        def transform(self, image):
+        def resize_crop(self, image):
             raise MemoryError
 
     class Broken:
-        def transform(self, image):
+        def resize_crop(self, image):
             raise RuntimeError("boom")
 
     out_of_memory = decode_one(str(tmp_path / "ok.png"), Exhausted())

@@ -73,7 +73,7 @@ def test_export_is_a_checked_graph_per_tower_with_the_bundles_fingerprint(bundle
     assert {"text/tokenizer.json", "text/text_preprocess.json", "image/image_preprocess.json",
             "text.onnx", "image.onnx"} <= set(info.manifest["files"])
     for tower, inputs, output in (("text", ["input_ids", "attention_mask"], "text_embedding"),
-                                  ("image", ["pixel_values"], "image_embedding")):
+                                  ("image", ["pixels"], "image_embedding")):
         graph = onnx.load(str(exported / f"{tower}.onnx"))
         onnx.checker.check_model(graph, full_check=True)
         assert [i.name for i in graph.graph.input] == inputs
@@ -85,6 +85,57 @@ def test_export_is_a_checked_graph_per_tower_with_the_bundles_fingerprint(bundle
         assert report["batch_sizes"][0] == 1 and report["batch_sizes"][-1] > 1
     text_dims = [d.dim_param for d in onnx.load(str(exported / "text.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert text_dims == ["batch", "sequence"]
+    # the image graph takes bytes (n, h, w, 3) and normalises them itself; the manifest says so
+    image_input = onnx.load(str(exported / "image.onnx")).graph.input[0].type.tensor_type
+    assert image_input.elem_type == onnx.TensorProto.UINT8
+    size = OnnxEmbedder(exported).image_preprocessor.config.size
+    assert [d.dim_value for d in image_input.shape.dim][1:] == [size, size, 3]
+    assert info.manifest["format_version"] == 2
+    assert info.graph("image")["input_dtype"] == "uint8" and info.graph("image")["input_layout"] == "NHWC"
+
+
+@pytest.fixture(scope="module")
+def float_export(bundle, tmp_path_factory):
+    """An export written the way format 1 wrote it: the image graph takes normalised float32 NCHW."""
+    from mmretrieve.export import exporter, manifest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(manifest.TOWER_GRAPHS, "image", dict(manifest.FLOAT_IMAGE_GRAPH))
+        patch.setattr(exporter, "FORMAT_VERSION", 1)
+        out = tmp_path_factory.mktemp("float-export") / "export"
+        export_model(str(bundle), out)
+    return out
+
+
+def test_uint8_graph_sees_exactly_the_float_input_and_old_float_exports_still_work(bundle, exported, float_export,
+                                                                                    photos, tmp_path):
+    old = OnnxEmbedder(float_export, device="cpu")
+    assert read_export_info(float_export).manifest["format_version"] == 1 and "input_dtype" not in old.info.graph("image")
+    graph = onnx.load(str(float_export / "image.onnx")).graph.input[0]
+    assert graph.name == "pixel_values" and graph.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    new = OnnxEmbedder(exported, device="cpu")
+    images = [random_image(seed, size) for seed, size in enumerate([(80, 60), (33, 90), (300, 40), (32, 32)])]
+    uint8 = new.image_preprocessor.uint8_batch(images)
+    floats = new.image_preprocessor(images)["pixel_values"]
+    size = new.image_preprocessor.config.size
+    assert uint8.dtype == np.uint8 and uint8.shape == (4, size, size, 3)
+    # the graph's lookup gives the tower the very floats the numpy step gives: same rows as the old graph
+    by_new, by_old = new.embed_pixels(uint8), old.embed_pixels(uint8)
+    assert np.abs(by_new - by_old).max() < 1e-6
+    # each export takes either input: float32 is mapped back to its exact bytes, uint8 normalised in numpy
+    assert np.array_equal(new.embed_pixels(floats), by_new) and np.array_equal(old.embed_pixels(floats), by_old)
+    reference = TorchEmbedder(str(bundle), device="cpu")
+    assert np.array_equal(reference.embed_pixels(uint8), reference.embed_pixels(floats))
+    assert (by_new * reference.embed_pixels(uint8)).sum(axis=1).min() >= PARITY_MIN_COSINE
+    # an index built with the old export searches the same through either export
+    index_images(photos, tmp_path / "idx", old, workers=1, progress=False)
+    query = [photos / "photo3.png", photos / "photo1.png"]
+    by_old_hits = IndexReader(tmp_path / "idx", model=str(float_export), runtime="onnx").search_image(query, k=3)
+    by_new_hits = IndexReader(tmp_path / "idx", model=str(exported), runtime="onnx").search_image(query, k=3)
+    for old_hits, new_hits in zip(by_old_hits, by_new_hits):
+        assert [h.path for h in old_hits] == [h.path for h in new_hits]
+        assert np.allclose([h.score for h in old_hits], [h.score for h in new_hits], atol=1e-5)
+    assert by_old_hits[0][0].path == str(query[0]) and by_old_hits[0][0].score == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("break_it", ["rotate", "unnormalise"])
@@ -160,7 +211,8 @@ def test_fp16_export_runs_on_cpu_and_reports_its_agreement(bundle, tmp_path):
     assert manifest["precision"] == "fp16" and "recall" not in manifest
     assert manifest["agreement"]["image"]["min_cosine"] > 0.99
     graph = onnx.load(str(tmp_path / "fp16" / "image.onnx"))
-    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 at the edges
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8  # bytes in, as in fp32
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 out
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
 
 

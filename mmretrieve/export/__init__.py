@@ -3,7 +3,9 @@
     export.json          format, source bundle fingerprint, embed_dim, precision, opset, parity
                          and recall figures, file hashes
     text.onnx            input_ids, attention_mask int64 [batch, sequence] -> text_embedding [batch, D]
-    image.onnx           pixel_values float32 [batch, 3, H, W] -> image_embedding [batch, D]
+    image.onnx           pixels uint8 [batch, H, W, 3] -> image_embedding [batch, D]; the graph
+                         normalises them (format 1 exports: normalised pixel_values float32
+                         [batch, 3, H, W]; the manifest's towers.image.input_dtype says which)
     text/                tokenizer.json, text_preprocess.json
     image/               image_preprocess.json
 

@@ -10,14 +10,25 @@ from ..errors import ExportError
 from ..formats import read_folder_manifest
 
 FORMAT = "mmretrieve-onnx-export"
-FORMAT_VERSION = 1
+# 2: the image graph takes uint8 pixels (input_dtype "uint8", layout NHWC) and normalises them
+# itself; format 1's took normalised float32 NCHW pixel_values (still read: FLOAT_IMAGE_GRAPH).
+FORMAT_VERSION = 2
 EXPORT_JSON = "export.json"
 PRECISIONS = ("fp32", "fp16", "int8")
-# Graph file, input names and output name of each tower; the runtime reads them from the manifest.
+# Graph file, input names and output name of each tower (and the image input's dtype and layout);
+# the runtime reads them from the manifest.
 TOWER_GRAPHS = {
     "text": {"file": "text.onnx", "inputs": ["input_ids", "attention_mask"], "output": "text_embedding"},
-    "image": {"file": "image.onnx", "inputs": ["pixel_values"], "output": "image_embedding"},
+    "image": {"file": "image.onnx", "inputs": ["pixels"], "output": "image_embedding", "input_dtype": "uint8",
+              "input_layout": "NHWC"},
 }
+# The image graph of format-1 exports: normalised float32 (n, 3, h, w) pixel_values.
+FLOAT_IMAGE_GRAPH = {"file": "image.onnx", "inputs": ["pixel_values"], "output": "image_embedding"}
+
+
+def input_dtype(graph: dict[str, Any]) -> str:
+    """What a tower's graph (a manifest's ``towers`` entry) takes as pixels: "uint8" or "float32"."""
+    return str(graph.get("input_dtype", "float32"))
 
 
 @dataclass

@@ -5,7 +5,8 @@ returns an embedder with this shape:
 
     ref, fingerprint, embed_dim          which model, and its weights' identity
     image_preprocessor, text_preprocessor  torch-free preprocessing (mmretrieve.preprocess)
-    embed_pixels(array) -> (n, d)         preprocessed images to normalised float32 rows
+    embed_pixels(array) -> (n, d)         preprocessed images (uint8 (n, h, w, 3) from resize_crop, or
+                                          normalised float32 (n, 3, h, w)) to normalised float32 rows
     embed_texts(list[str]) -> (n, d)      texts to normalised float32 rows
 
 ``model_ref`` is a model bundle (or registered model name) or an ONNX export folder

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..bundle import MANIFEST as BUNDLE_MANIFEST
 from ..errors import ExportError, InputError
-from ..export.manifest import read_export_info
+from ..export.manifest import input_dtype, read_export_info
 from ..preprocess import ImagePreprocessor, TextPreprocessor
 from .ort import import_onnxruntime
 
@@ -176,9 +176,21 @@ class OnnxEmbedder:
         return output.astype(np.float32, copy=False)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        return self._rows([self._run("image", {"pixel_values": pixels[start:start + CHUNK]})
+        """uint8 (n, h, w, 3) from ``resize_crop`` (or normalised float32 (n, 3, h, w)) -> rows. An
+        export that takes uint8 (format 2) normalises inside its graph; an older one, that takes
+        float32, is fed ``ImagePreprocessor.normalize``'s output, bit for bit what it was fed before."""
+        name = self.info.graph("image")["inputs"][0]
+        pixels = self._image_input(np.asarray(pixels))
+        return self._rows([self._run("image", {name: pixels[start:start + CHUNK]})
                            for start in range(0, len(pixels), CHUNK)])
+
+    def _image_input(self, pixels: np.ndarray) -> np.ndarray:
+        takes_uint8 = input_dtype(self.info.graph("image")) == "uint8"
+        if pixels.dtype == np.uint8:
+            return np.ascontiguousarray(pixels) if takes_uint8 else self.image_preprocessor.normalize(pixels)
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        # normalised floats back to the bytes they were made from (exact for the preprocessor's)
+        return self.image_preprocessor.to_uint8(pixels) if takes_uint8 else pixels
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self._rows([self._embed_text_chunk(texts[start:start + CHUNK]) for start in range(0, len(texts), CHUNK)])
@@ -194,7 +206,7 @@ class OnnxEmbedder:
     def embed_images(self, images: list) -> np.ndarray:
         if not images:
             return self._rows([])
-        return self.embed_pixels(self.image_preprocessor(images)["pixel_values"])
+        return self.embed_pixels(self.image_preprocessor.uint8_batch(images))
 
     def _rows(self, chunks: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.embed_dim), dtype=np.float32)

@@ -66,6 +66,11 @@ class TorchEmbedder:
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (n, h, w, 3) from ``resize_crop``, normalised here by ``ImagePreprocessor.normalize``
+        (the values an ONNX export's graph computes from the same bytes), or normalised float32."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype == np.uint8:
+            pixels = self.image_preprocessor.normalize(pixels)
         return self._encode("image", {"pixel_values": torch.from_numpy(pixels).to(self.device)})
 
     @torch.inference_mode()
@@ -81,4 +86,4 @@ class TorchEmbedder:
         return self._encode("text", {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items()})
 
     def embed_images(self, images: list) -> np.ndarray:
-        return self.embed_pixels(self.image_preprocessor(images)["pixel_values"])
+        return self.embed_pixels(self.image_preprocessor.uint8_batch(images))
