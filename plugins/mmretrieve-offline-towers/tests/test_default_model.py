@@ -43,7 +43,8 @@ def test_default_ships_only_what_training_made():
     folder = resolve_model("default")
     info = read_bundle_info("default", verify=True)
     assert folder.name == "default" and folder.parent.name == "mmretrieve_offline_towers"
-    assert (folder / "weights.safetensors").stat().st_size < 5_000_000  # heads and temperature, not towers
+    # heads, temperature and the label bridge (classifier 5.1 MB, class-name matrix 1.5 MB), not towers
+    assert (folder / "weights.safetensors").stat().st_size < 12_000_000
     for name, encoder in (("text", "minilm-l6"), ("image", "efficientnet-lite0")):
         reference = info.model["towers"][name]["reference"]
         assert reference["encoder"] == encoder and reference["changed_tensors"] == 0
@@ -53,7 +54,7 @@ def test_default_ships_only_what_training_made():
 def test_default_rebuilds_its_towers_from_the_wheels(default_model):
     texts = ["a man taking a photo", "a dog running on the grass"]
     embeddings = default_model.embed("text", texts)
-    assert embeddings.shape == (2, 512)
+    assert embeddings.shape == (2, 512 + 384)  # heads' space + the label bridge's (MiniLM's own)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 
 
@@ -77,3 +78,18 @@ def test_index_without_model_uses_the_default(photos, tmp_path):
     result = runner.invoke(cli, ["search", "a man taking a photo", "--index-dir", str(tmp_path / "index"),
                                  "--paths", "-k", "1"])
     assert result.exit_code == 0 and result.stdout.strip().endswith("camera.jpg")
+
+
+def test_default_has_the_label_bridge_of_its_recipe(default_model):
+    import torch
+
+    from mmretrieve_offline_towers.towers import efficientnet_lite0_classifier
+
+    bridge = default_model.config.bridge
+    assert bridge.enabled and bridge.num_classes == 1000 and 0 < bridge.weight < 1
+    weight, bias = efficientnet_lite0_classifier()  # the wheel's own ImageNet classifier, unchanged
+    assert torch.equal(default_model.bridge.classifier.weight, weight)
+    assert torch.equal(default_model.bridge.classifier.bias, bias)
+    # The class-name matrix: MiniLM's embedding of "a photo of a tabby." for class 281 (tabby cat).
+    prompt = default_model.text_encoder.embed([bridge.templates[0].format("tabby")])
+    assert float(default_model.bridge.class_embeddings[281].numpy() @ prompt[0]) > 0.999
