@@ -95,8 +95,15 @@ def main() -> None:
     for tower in ("text", "image"):
         quantize_int8(graphs[tower], work / f"{tower}-int8.onnx")
     feeds = text_feeds(args.export, 32)
-    pixels = {32: np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)}
+    from PIL import Image
+
+    from mmretrieve.preprocess import ImagePreprocessor
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 320, 400, 3), dtype=np.uint8)
+    # the export's own preprocessing, so the graph gets what it takes (float pixels or bytes)
+    pixels = {32: ImagePreprocessor.load(args.export / "image")([Image.fromarray(a) for a in noise])["pixel_values"]}
     pixels[1] = pixels[32][:1]
+    image_input = info.graph("image")["inputs"][0]
 
     def session(path, **kw):
         return ort.InferenceSession(str(path), options(ort, **kw), providers=["CPUExecutionProvider"])
@@ -129,10 +136,10 @@ def main() -> None:
                       "int8 (dynamic, head MatMul)": session(work / "image-int8.onnx", policy=True)}
     if args.static:
         image_sessions["int8 static QDQ (convs)"] = session(static_qdq(graphs["image"], work, args.calibration,
-                                                                       args.export), policy=True)
+                                                                       args.export, image_input), policy=True)
     for batch in (32, 1):
         for name, sess in image_sessions.items():
-            variants[("image", batch, name)] = (lambda s, b: lambda: s.run([image_out], {"pixel_values": pixels[b]}))(
+            variants[("image", batch, name)] = (lambda s, b: lambda: s.run([image_out], {image_input: pixels[b]}))(
                 sess, batch)
 
     rates: dict[tuple, list[float]] = {key: [] for key in variants}
@@ -156,7 +163,7 @@ def main() -> None:
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {cores} cores; onnxruntime {ort.__version__}")
 
 
-def static_qdq(source: Path, work: Path, images: Path, export: Path) -> Path:
+def static_qdq(source: Path, work: Path, images: Path, export: Path, input_name: str) -> Path:
     """The image graph with static QDQ int8 (per-channel weights), calibrated on 32 images (MinMax
     calibration keeps every intermediate output: about 5 GB of memory here)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -169,7 +176,7 @@ def static_qdq(source: Path, work: Path, images: Path, export: Path) -> Path:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"pixel_values": preprocessor(paths[i:i + 8])["pixel_values"]}
+            self.batches = iter([{input_name: preprocessor(paths[i:i + 8])["pixel_values"]}
                                  for i in range(0, len(paths), 8)])
 
         def get_next(self):
