@@ -219,3 +219,16 @@ def test_the_api_refuses_ray_options_for_the_local_engine(photos_small, tmp_path
 @pytest.fixture
 def photos_small(tmp_path) -> Path:
     return photo_folder(tmp_path / "few", 2)
+
+
+@pytest.mark.slow
+@pytest.mark.onnx
+def test_a_worker_that_finds_another_model_is_refused_in_one_sentence(cluster, embedder, photos):
+    class Other:  # what the driver loaded differs from the model the workers find at that path
+        path, ref, runtime, embed_dim = embedder.path, embedder.ref, "onnx", embedder.embed_dim
+        fingerprint = "0" * 64
+
+    with pytest.raises(InputError, match=r"^the model at \S+ on Ray node \S+ is not the one the driver loaded "
+                                         r"\(fingerprint \w{12}, not 000000000000\); every node must see the same "
+                                         r"model folder at the same path$"):
+        list(RayEngine(workers=1).image_batches([str(photos / "000.png")], Other(), 4))

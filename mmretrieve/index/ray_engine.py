@@ -118,13 +118,14 @@ class RayEngine:
 
     # -- what the builder calls ---------------------------------------------------------------
     def check_readable(self, root: str | Path, sample: str | None) -> None:
-        """A probe task on every alive node stats ``root`` and reads ``sample`` (a file to embed);
-        one sentence naming the first node that cannot."""
+        """A probe task on every alive node that can hold an actor stats ``root`` and reads
+        ``sample`` (a file to embed); one sentence naming the first node that cannot."""
         ray = self.connect()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        needs = "GPU" if self.gpus_per_worker else "CPU"
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(needs, 0) > 0]
         pending = {n["NodeManagerAddress"]: probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(root), sample)
             for n in nodes}
@@ -152,17 +153,11 @@ class RayEngine:
                                    "dim": int(embedder.embed_dim)},
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None)
         seen: set[str] = set()
-        try:
-            for rows in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-                batch = self._batch(rows, seen)
-                yield batch
-                if bar is not None:
-                    bar.update(len(batch.decoded) + len(batch.failed))
-        except ray.exceptions.RayError as exc:
-            cause = _user_error(exc)
-            if cause is not None:
-                raise cause from None
-            raise
+        for rows in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+            batch = self._batch(rows, seen)
+            yield batch
+            if bar is not None:
+                bar.update(len(batch.decoded) + len(batch.failed))
         yield ImageBatch([], None, [], final=True)
 
     def worker_throughput(self) -> list[dict[str, Any]]:
@@ -173,6 +168,9 @@ class RayEngine:
                 for worker, (items, seconds) in sorted(self.throughput.items())]
 
     def _batch(self, rows: dict[str, np.ndarray], seen: set[str]) -> ImageBatch:
+        problems = [str(problem) for problem in rows["problem"] if problem]
+        if problems:
+            raise InputError(problems[0])
         decoded, failed, keep = [], [], []
         for i, path in enumerate(rows["path"].tolist()):
             stats = self.throughput[str(rows["worker"][i])]
@@ -204,17 +202,6 @@ def _probe(root: str, sample: str | None) -> str | None:
     return None
 
 
-def _user_error(exc: BaseException) -> MMRetrieveError | None:
-    """The mmretrieve error (one sentence) a worker raised, found in Ray's wrappers."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, MMRetrieveError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
-
-
 class EmbedWorker:
     """One actor of the pool: loads the model once, then reads, decodes and embeds batches of paths."""
 
@@ -225,17 +212,27 @@ class EmbedWorker:
 
         # Ray gives each actor OMP_NUM_THREADS = its CPUs; onnxruntime's pool follows it here.
         os.environ.setdefault("MMRETRIEVE_ORT_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-        self.embedder = load_embedder(model, runtime, device)
-        if self.embedder.fingerprint != fingerprint:
-            raise InputError(f"the model at {model} on Ray node {ray.util.get_node_ip_address()} is not the one the "
-                             f"driver loaded (fingerprint {self.embedder.fingerprint[:12]}, not {fingerprint[:12]}); "
-                             f"every node must see the same model folder at the same path")
         self.dim = dim
         self.worker = f"{ray.util.get_node_ip_address()} pid {os.getpid()}"
+        # A user's error (no model at that path, another model there) goes back as the batches' "problem",
+        # which the driver raises: raised here, it would reach the driver only inside Ray's traceback text.
+        self.problem: MMRetrieveError | None = None
+        try:
+            self.embedder = load_embedder(model, runtime, device)
+            if self.embedder.fingerprint != fingerprint:
+                raise InputError(f"the model at {model} on Ray node {ray.util.get_node_ip_address()} is not the one "
+                                 f"the driver loaded (fingerprint {self.embedder.fingerprint[:12]}, not "
+                                 f"{fingerprint[:12]}); every node must see the same model folder at the same path")
+        except MMRetrieveError as exc:
+            self.problem = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        images = list(decode_images(batch["path"].tolist(), self.embedder.image_preprocessor))
+        paths = batch["path"].tolist()
+        if self.problem is not None:
+            images = [Decoded(path, None, error=str(self.problem)) for path in paths]
+        else:
+            images = list(decode_images(paths, self.embedder.image_preprocessor))
         vectors = np.zeros((len(images), self.dim), dtype=np.float32)
         good = [i for i, image in enumerate(images) if image.error is None]
         if good:
@@ -250,4 +247,5 @@ class EmbedWorker:
             "error": np.array([image.error or "" for image in images], dtype=object),
             "worker": np.array([self.worker] * len(images), dtype=object),
             "seconds": np.full(len(images), seconds),
+            "problem": np.array([str(self.problem or "")] * len(images), dtype=object),
         }
