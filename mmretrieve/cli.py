@@ -193,7 +193,8 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
 
         click.echo(f"trained:      best at step {trained.get('step', '?')}: mean recall "
                    f"{mean_recall(trained['start']):.1f} at the start -> {mean_recall(trained['val']):.1f} "
-                   f"(t2i R@1 {trained['gain']['t2i']['R@1']:+.1f}, i2t R@1 {trained['gain']['i2t']['R@1']:+.1f})")
+                   f"(gain R@1/R@5: t2i {trained['gain']['t2i']['R@1']:+.1f}/{trained['gain']['t2i']['R@5']:+.1f}, "
+                   f"i2t {trained['gain']['i2t']['R@1']:+.1f}/{trained['gain']['i2t']['R@5']:+.1f})")
     stored = manifest.get("stored_parameters", manifest["parameters"])
     click.echo(f"parameters:   {manifest['parameters']:,}" +
                (f" ({stored:,} stored in the bundle)" if stored != manifest["parameters"] else ""))

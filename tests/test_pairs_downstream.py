@@ -233,7 +233,7 @@ def test_fine_tuning_from_the_pair_starts_at_its_zero_shot_numbers_and_reports_t
     assert info.manifest["stored_parameters"] < info.manifest["parameters"] / 2
     assert info.manifest["metadata"]["gain"] == gain
     about = run("info", out / "best").output
-    assert "source:" in about and f"i2t R@1 {gain['i2t']['R@1']:+.1f}" in about
+    assert "source:" in about and f"i2t {gain['i2t']['R@1']:+.1f}/{gain['i2t']['R@5']:+.1f})" in about
     evaluated = json.loads(run("eval", "--model", out / "best", "--data", colours, "--workers", "0", "--json").stdout)
     assert set(evaluated) == {"t2i", "i2t"}
 
