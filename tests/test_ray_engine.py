@@ -114,12 +114,13 @@ class KillingEngine(RayEngine):
 
 @pytest.mark.slow
 @pytest.mark.onnx
-def test_a_ray_built_index_equals_a_local_one(cluster, embedder, photos, local_index, tmp_path):
+def test_a_ray_built_index_equals_a_local_one(cluster, model, embedder, photos, local_index, tmp_path):
+    import mmretrieve.api as mm
     from mmretrieve.index.search import IndexReader
 
-    folder = tmp_path / "index"
-    with RayEngine(workers=2) as engine:
-        report = index_images(photos, folder, embedder, batch_size=4, progress=False, engine=engine)
+    folder = tmp_path / "index"  # through the library API, as a user would
+    report = mm.build_index(photos, model, folder, runtime="onnx", device="cpu", engine="ray", workers=2,
+                            batch_size=4, progress=False).report
     assert (report.added, report.total) == (24, 24)
     assert [(f["path"], f["reason"]) for f in report.failed] == [(str(photos / "corrupt.jpg"),
                                                                    "not an image file Pillow can read")]
