@@ -178,7 +178,12 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
     click.echo(f"bundle:       {bundle.path}")
     click.echo(f"format:       {manifest['format']} v{manifest['format_version']} (mmretrieve {manifest['mmretrieve_version']})")
     click.echo(f"fingerprint:  {manifest['fingerprint']}")
-    click.echo(f"embed dim:    {config['embed_dim']}  head: {config['head']}")
+    click.echo(f"embed dim:    {manifest['embed_dim']}  head: {config['head']}")
+    bridge = config.get("bridge") or {}
+    if bridge.get("enabled"):  # the embedding is the heads' part and the label bridge's side by side
+        click.echo(f"label bridge: {bridge.get('num_classes')} classes, top {bridge.get('top_t')}, temperature "
+                   f"{bridge.get('temperature')}, weight {bridge.get('weight')} (heads {config['embed_dim']}-d + "
+                   f"{int(manifest['embed_dim']) - int(config['embed_dim'])}-d)")
     source = (manifest.get("metadata") or {}).get("source")
     if isinstance(source, dict) and source:  # a pretrained pair's bundle: which checkpoint it was made from
         click.echo(f"source:       {source.get('kind', '?')} {source.get('checkpoint', '?')}"

@@ -116,6 +116,14 @@ def test_a_bundle_keeps_the_bridge_and_every_runtime_path_computes_it(bridged, t
     np.testing.assert_allclose(embedder.embed_texts(texts), bridged.embed("text", texts), atol=1e-5)
     np.testing.assert_allclose(embedder.embed_images(images), bridged.embed("image", images), atol=1e-5)
     np.testing.assert_allclose(loaded.embed("image", images), bridged.embed("image", images), atol=1e-6)
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    shown = CliRunner().invoke(cli, ["info", str(info.path)])
+    assert shown.exit_code == 0, shown.output
+    assert "embed dim:    48" in shown.output
+    assert "label bridge: 1000 classes, top 5, temperature 0.5, weight 0.7 (heads 16-d + 32-d)" in shown.output
 
 
 @pytest.mark.slow
