@@ -99,9 +99,14 @@ def main() -> None:
 
     from mmretrieve.preprocess import ImagePreprocessor
 
+    from mmretrieve.export.manifest import input_dtype
+
     noise = np.random.default_rng(0).integers(0, 256, (32, 320, 400, 3), dtype=np.uint8)
-    # the export's own preprocessing, so the graph gets what it takes (float pixels or bytes)
-    pixels = {32: ImagePreprocessor.load(args.export / "image")([Image.fromarray(a) for a in noise])["pixel_values"]}
+    # the export's own preprocessing, so the graph gets what it takes (bytes, or normalised floats)
+    takes_uint8 = input_dtype(info.graph("image")) == "uint8"
+    preprocessor = ImagePreprocessor.load(args.export / "image")
+    raw = preprocessor.uint8_batch([Image.fromarray(a) for a in noise])
+    pixels = {32: raw if takes_uint8 else preprocessor.normalize(raw)}
     pixels[1] = pixels[32][:1]
     image_input = info.graph("image")["inputs"][0]
 
@@ -136,7 +141,7 @@ def main() -> None:
                       "int8 (dynamic, head MatMul)": session(work / "image-int8.onnx", policy=True)}
     if args.static:
         image_sessions["int8 static QDQ (convs)"] = session(static_qdq(graphs["image"], work, args.calibration,
-                                                                       args.export, image_input), policy=True)
+                                                                       args.export, image_input, takes_uint8), policy=True)
     for batch in (32, 1):
         for name, sess in image_sessions.items():
             variants[("image", batch, name)] = (lambda s, b: lambda: s.run([image_out], {image_input: pixels[b]}))(
@@ -163,7 +168,7 @@ def main() -> None:
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {cores} cores; onnxruntime {ort.__version__}")
 
 
-def static_qdq(source: Path, work: Path, images: Path, export: Path, input_name: str) -> Path:
+def static_qdq(source: Path, work: Path, images: Path, export: Path, input_name: str, takes_uint8: bool) -> Path:
     """The image graph with static QDQ int8 (per-channel weights), calibrated on 32 images (MinMax
     calibration keeps every intermediate output: about 5 GB of memory here)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -174,9 +179,13 @@ def static_qdq(source: Path, work: Path, images: Path, export: Path, input_name:
     preprocessor = ImagePreprocessor.load(export / "image")
     paths = sorted(images.iterdir())[:32]
 
+    def prepare(batch):
+        raw = preprocessor.uint8_batch(batch)
+        return raw if takes_uint8 else preprocessor.normalize(raw)
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{input_name: preprocessor(paths[i:i + 8])["pixel_values"]}
+            self.batches = iter([{input_name: prepare(paths[i:i + 8])}
                                  for i in range(0, len(paths), 8)])
 
         def get_next(self):
