@@ -13,6 +13,7 @@ from mmretrieve.bridge import LabelBridge, class_names, prompts
 from mmretrieve.config import BridgeConfig, ModelConfig, TowerConfig
 from mmretrieve.errors import ConfigError
 from tiny_models import TINY_TIMM
+from conftest import random_image  # module level: a plugin's conftest.py may take the name later
 
 TINY_TIMM_DIM = 256  # test_efficientnet's pooled features
 
@@ -75,7 +76,6 @@ def test_class_names_and_prompts_come_from_timms_imagenet_descriptions():
 
 @pytest.mark.slow  # builds the bridge: 1,000 class prompts through the tiny BERT
 def test_model_embedding_is_the_weighted_sum_of_heads_and_bridge(bridged, tiny_bert_dir):
-    from conftest import random_image
 
     assert bridged.embed_dim == 16 + 32  # heads' space + the tiny BERT's width
     texts = ["a black cat", "two dogs running on the beach"]
@@ -102,7 +102,6 @@ def test_model_embedding_is_the_weighted_sum_of_heads_and_bridge(bridged, tiny_b
 
 @pytest.mark.slow  # builds the bridge: 1,000 class prompts through the tiny BERT
 def test_a_bundle_keeps_the_bridge_and_every_runtime_path_computes_it(bridged, tmp_path):
-    from conftest import random_image
     from mmretrieve.bundle import load_bundle, save_bundle
     from mmretrieve.runtime.torch_runtime import TorchEmbedder
 
@@ -129,7 +128,6 @@ def test_a_bundle_keeps_the_bridge_and_every_runtime_path_computes_it(bridged, t
 @pytest.mark.slow
 @pytest.mark.onnx
 def test_the_bridge_exports_to_onnx_inside_the_image_graph(bridged, tmp_path):
-    from conftest import random_image
     from mmretrieve.bundle import save_bundle
     from mmretrieve.export.exporter import export_model
     from mmretrieve.runtime import load_embedder

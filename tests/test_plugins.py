@@ -6,6 +6,7 @@ from importlib import metadata
 
 import pytest
 
+from conftest import random_image  # module level: a plugin's conftest.py may take the name later
 import plugin_fixtures
 from mmretrieve import plugins
 from mmretrieve.errors import PluginLoadError, RegistrationError, UnknownNameError
@@ -184,7 +185,6 @@ def tiny_bundle(tiny_model, tmp_path):
 
 @pytest.fixture
 def photos(tmp_path):
-    from conftest import random_image
 
     folder = tmp_path / "photos"
     folder.mkdir()
