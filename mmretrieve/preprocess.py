@@ -67,8 +67,8 @@ class ImagePreprocessor:
         self._std = np.asarray(config.std, dtype=np.float32).reshape(3, 1)
         # Every value a channel's byte can become, computed with exactly the float32 operations of
         # the float path (scale to [0, 1], subtract the mean, divide by the std), so a lookup in
-        # it is bit-identical to converting and normalising each pixel (and the ONNX graph of
-        # mmretrieve.export looks values up in this same table).
+        # it is bit-identical to converting and normalising each pixel (as the ONNX graph of
+        # mmretrieve.export does with the same operations).
         self.table = (np.arange(256, dtype=np.float32)[None, :] / 255.0 - self._mean) / self._std
 
     def transform(self, image: Image.Image) -> np.ndarray:

@@ -18,17 +18,21 @@ DEFAULT_OPSET = 18
 
 
 class PixelNormalization(nn.Module):
-    """uint8 (n, h, w, 3) -> normalised float32 (n, 3, h, w) inside the graph: a lookup (Gather) in
-    the image preprocessor's table, so the tower sees bit for bit what ``ImagePreprocessor.normalize``
-    gives the torch runtime."""
+    """uint8 (n, h, w, 3) -> normalised float32 (n, 3, h, w) inside the graph: the bytes put in
+    channel order first (a quarter of the float transpose's traffic), then cast, scaled to [0, 1]
+    and normalised with the float32 operations ``ImagePreprocessor.normalize``'s table was made
+    with (division, subtraction, division: exactly rounded), so the tower sees bit for bit the
+    input the torch runtime gives it. Measured in onnxruntime on 2 loaded cores: 1.4 ms per 224 px
+    image, against 4.7-4.8 ms when the float output was transposed (arithmetic or a table Gather)."""
 
     def __init__(self, preprocessor):
         super().__init__()
-        self.register_buffer("table", torch.from_numpy(preprocessor.table.reshape(-1).copy()))
-        self.register_buffer("offsets", torch.arange(3, dtype=torch.int64) * preprocessor.table.shape[1])
+        config = preprocessor.config
+        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).reshape(3, 1, 1))
+        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).reshape(3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.table[pixels.long() + self.offsets].permute(0, 3, 1, 2)
+        return (pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0 - self.mean) / self.std
 
 
 class EmbeddingGraph(nn.Module):
