@@ -58,7 +58,8 @@ def load_export(folder: Path) -> dict:
     session = lambda tower: ort.InferenceSession(str(folder / manifest["towers"][tower]["file"]))  # noqa: E731
     return {"manifest": manifest, "pre": pre, "tokenizer": tokenizer, "session": session,
             "mean": np.asarray(pre["mean"], np.float32).reshape(3, 1, 1),
-            "std": np.asarray(pre["std"], np.float32).reshape(3, 1, 1)}
+            "std": np.asarray(pre["std"], np.float32).reshape(3, 1, 1),
+            "uint8": manifest["towers"]["image"].get("input_dtype") == "uint8"}  # the graph normalises bytes
 
 
 def preprocess(path: Path, ex: dict) -> np.ndarray:
@@ -69,6 +70,8 @@ def preprocess(path: Path, ex: dict) -> np.ndarray:
     left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     resample = getattr(Image.Resampling, pre["interpolation"].upper())
     image = image.resize((nw, nh), resample).crop((left, top, left + size, top + size))
+    if ex["uint8"]:
+        return np.asarray(image, dtype=np.uint8)
     return (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0 - ex["mean"]) / ex["std"]
 
 

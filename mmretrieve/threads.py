@@ -8,7 +8,7 @@ and image-decoding processes want the same cores. Measured on 2 cores, a warm te
 
     job       onnxruntime intra-op     spinning  faiss          torch    decode workers
     search    cores                    off       1 below 20 queries, else cores   cores    -
-    index     cores                    off       cores          cores    cores - 1 (at least 1)
+    index     cores                    off       cores          cores    0 up to 2 cores, else cores - 1
     serve     cores - 1                off       cores - 1      cores-1  -
     other     cores                    on        cores          cores    as given
 
@@ -16,6 +16,12 @@ Overrides, strongest first: an explicit argument (``--threads``, ``threads=``), 
 ``MMRETRIEVE_THREADS`` (threads for every engine), then ``OMP_NUM_THREADS`` (likewise; torch and
 faiss read it themselves too); ``MMRETRIEVE_ORT_THREADS`` still sets onnxruntime's alone and
 ``MMRETRIEVE_ORT_SPINNING=1``/``0`` its spinning.
+
+Decode workers for ``index``: on 2 cores, decoding in the embedding process (0 workers) indexed
+at least as fast as 1 or 2 worker processes, with uint8 pixels as with float32 (interleaved
+``benchmarks/index_throughput.py --workers 0,1,2``, docs/benchmarks.md "Decoding as uint8"):
+onnxruntime already uses both cores, and a worker only adds hand-over. Above 2 cores
+(not measured here) cores - 1 workers keep the decoding off the embedding process.
 
 ``use_policy(job)`` is called by each entry point (CLI commands, ``mmretrieve.api``, the server);
 the runtimes and the flat index read ``current_policy()`` when they create sessions or search.
@@ -102,7 +108,7 @@ def policy_for(job: str, cores: int | None = None, threads: int | None = None, e
         if spin not in ("0", "1"):
             raise InputError(f"{SPINNING_ENV} must be 0 or 1, not {spin!r}")
         spinning = spin == "1"
-    decode_workers = max(1, cores - 1) if job == "index" else 0
+    decode_workers = (0 if cores <= 2 else cores - 1) if job == "index" else 0  # measured: module docstring
     return ThreadPolicy(job=job, cores=cores, compute=compute, spinning=spinning, faiss=compute,
                         decode_workers=decode_workers, explicit=chosen is not None)
 

@@ -20,10 +20,10 @@ def no_policy(monkeypatch):
 def test_policy_per_job_on_two_cores():
     search, index, serve, train = (policy_for(job, cores=2) for job in ("search", "index", "serve", "train"))
     assert (search.compute, search.spinning, search.faiss_threads(1), search.faiss_threads(64)) == (2, False, 1, 2)
-    assert (index.compute, index.spinning, index.decode_workers) == (2, False, 1)
+    assert (index.compute, index.spinning, index.decode_workers) == (2, False, 0)  # decoding in-process
     assert (serve.compute, serve.faiss) == (1, 1)  # one core left for the event loop
     assert train.spinning and train.compute == 2
-    assert policy_for("index", cores=8).decode_workers == 7 and policy_for("index", cores=1).decode_workers == 1
+    assert policy_for("index", cores=8).decode_workers == 7 and policy_for("index", cores=1).decode_workers == 0
 
 
 def test_user_settings_win(monkeypatch):
