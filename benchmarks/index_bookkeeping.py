@@ -2,7 +2,7 @@
 bytes each item takes, with 1k to 1M items already published (issue 17, items 4 and 5).
 
 Synthetic items go through ``IndexStore`` exactly as ``mmretrieve index`` sends them: paths in
-a realistic folder tree (``/home/user/Pictures/<year>/<event>/IMG_<n>.jpg``, ~60 bytes), size,
+a realistic folder tree (``/srv/photos/<year>/<event>/IMG_<n>.jpg``, ~60 bytes), size,
 mtime, SHA-256, width and height, and random unit vectors (``--dim``, 256 by default). For
 each size an index is filled once (staged in large batches, published once); then each
 measurement runs in a fresh process that opens it and, ``--rounds`` times, stages batches of
@@ -46,7 +46,7 @@ FILL_BATCH = 10_000
 def item_path(n: int) -> str:
     """A photo path in a tree of years and events, ~200 photos per event folder."""
     event = n // 200
-    return f"/home/user/Pictures/{2000 + event % 25}/event-{event:05d}/IMG_{n:07d}.jpg"
+    return f"/srv/photos/{2000 + event % 25}/event-{event:05d}/IMG_{n:07d}.jpg"
 
 
 def make_items(numbers, rng):

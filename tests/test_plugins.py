@@ -154,7 +154,7 @@ def test_list_encoders_filters_by_pattern_and_modality(monkeypatch):
 
     monkeypatch.setenv(plugins.ENV_LOAD, "")  # built-ins only, whatever is installed
 
-    assert list_encoders(modality="image") == ["timm"]
+    assert list_encoders(modality="image") == ["hf-pair-image", "timm"]
     assert list_encoders("b*") == ["bert"]
 
 
