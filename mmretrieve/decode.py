@@ -29,7 +29,7 @@ _preprocessor = None  # set in each worker process by init_worker
 @dataclass
 class Decoded:
     path: str
-    pixels: np.ndarray | None  # uint8 (size, size, 3) from ImagePreprocessor.resize_crop
+    pixels: np.ndarray | None  # uint8 (size, size, 3) from ImagePreprocessor.resize_crop (or a transform's output)
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
@@ -54,7 +54,10 @@ def decode_one(path: str, preprocessor=None) -> Decoded:
         image = load_image(data, name=path)
         del data
         width, height = image.info.get("source_size", image.size)
-        return Decoded(path, preprocessor.resize_crop(image), width, height, digest)
+        # A runtime's own preprocessor may have only ``transform`` (the contract before uint8): its
+        # output is sent as it is, and embed_pixels takes it as it always did.
+        prepare = getattr(preprocessor, "resize_crop", None) or preprocessor.transform
+        return Decoded(path, prepare(image), width, height, digest)
     except ImageInputError as exc:
         return Decoded(path, None, sha256=digest, error=exc.reason)
     except MemoryError:

@@ -173,7 +173,8 @@ class EmbedderProtocol(Protocol):
         (n, size, size, 3) from ``image_preprocessor.resize_crop`` (what the decode pool sends the
         indexer, eval and ``embed``); a runtime normalises them itself (``image_preprocessor.normalize``
         gives the model's float input bit for bit, or its graph does). Normalised float32
-        (n, 3, size, size), as ``image_preprocessor.transform`` makes, must still be accepted."""
+        (n, 3, size, size), as ``image_preprocessor.transform`` makes, must still be accepted; an
+        ``image_preprocessor`` of the runtime's own with only ``transform`` gets that output."""
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """n texts -> (n, embed_dim) L2-normalised float32."""
