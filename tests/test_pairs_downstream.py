@@ -238,6 +238,20 @@ def test_fine_tuning_from_the_pair_starts_at_its_zero_shot_numbers_and_reports_t
     assert set(evaluated) == {"t2i", "i2t"}
 
 
+def test_a_run_that_does_not_beat_the_pairs_zero_shot_start_keeps_the_start_as_best(pair, colours, tmp_path):
+    """Nothing learns (every learning rate 0): the best bundle is the pair at step 0, gain 0."""
+    if pair["kind"] != "clip":
+        pytest.skip("keeping the start does not depend on the pair's kind")
+    out = tmp_path / "run"
+    run("train", "--init", pair["ref"], "--data", colours, "--epochs", "1", "--batch-size", "6", "-o", out,
+        "--text-mode", "lora", "--set", "val_size=4", "--set", "workers=0", "--set", "head_lr=0",
+        "--set", "text.lr=0")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 0 and summary["best"] == summary["baseline"]
+    assert all(value == 0 for metrics in summary["gain"].values() for value in metrics.values())
+    assert (out / "best" / "manifest.json").is_file()
+
+
 def test_self_contained_copies_the_towers_into_the_bundle(pair, colours, tmp_path):
     if pair["kind"] != "clip":
         pytest.skip("the bundle's storage does not depend on the pair's kind")

@@ -509,6 +509,12 @@ class Trainer:
             if self.main:
                 self._log({"step": 0, "epoch": 0, "val": state["baseline"], "mean_recall": mean_recall(state["baseline"]),
                            "baseline": True})
+                if config.init and state["baseline"]:
+                    # A pretrained start (a pair, a shipped model) is worth keeping: training must beat
+                    # it to replace it, so a run that only makes it worse still leaves the start as best.
+                    state.update(best=state["baseline"], best_step=0)
+                    save_bundle(bundle_view(self.model), self.output / "best", reference_towers=self.reference_towers,
+                                metadata=self._bundle_metadata(state["baseline"]))
         loader = self._loader()
         self._set_train_modes()
         stopped_early = False
