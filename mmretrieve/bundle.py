@@ -341,7 +341,9 @@ def load_bundle(ref: str | Path, verify: bool = True):
     from safetensors.torch import load_file
 
     from .model import RetrievalModel
+    from .threads import apply_to_torch
 
+    apply_to_torch()  # torch may have been imported just now, after the entry point chose the threads
     info = read_bundle_info(ref, verify=verify)
     encoders = {name: _rebuild_tower(info, name) for name in TOWERS}
     model = RetrievalModel(info.config, encoders["text"], encoders["image"])

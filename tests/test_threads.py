@@ -92,3 +92,19 @@ def test_flat_search_uses_one_faiss_thread_for_few_queries(monkeypatch):
         assert calls == []  # a batch keeps the policy's threads
     finally:
         real(threads.available_cores())
+
+
+def test_a_bundle_loaded_after_the_policy_runs_torch_on_the_policys_threads(tiny_model, tmp_path):
+    # `mmretrieve eval`/`export` choose the policy before torch is imported; loading the bundle
+    # imports torch, which must then follow it (MMRETRIEVE_THREADS=1 means one thread).
+    import subprocess
+    import sys
+
+    from mmretrieve.bundle import save_bundle
+
+    bundle = save_bundle(tiny_model, tmp_path / "bundle").path
+    code = ("import sys\nfrom mmretrieve.threads import use_policy\nuse_policy('eval', threads=1)\n"
+            "assert 'torch' not in sys.modules\nfrom mmretrieve.bundle import load_bundle\n"
+            f"load_bundle({str(bundle)!r})\nimport torch\nprint(torch.get_num_threads())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"
