@@ -211,6 +211,20 @@ def test_a_prefix_that_disagrees_with_the_checkpoint_is_one_sentence(tiny_pairs)
         resolve_model("clip:local-dir:/nonexistent/checkpoint")
 
 
+def test_a_checkpoint_whose_json_files_are_damaged_is_one_sentence(tiny_pairs, tmp_path):
+    from mmretrieve.bundle import resolve_model
+    from mmretrieve.errors import InputError
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "clip",')  # cut short
+    with pytest.raises(InputError, match="config.json"):
+        resolve_model(f"clip:local-dir:{tmp_path / 'bad'}")
+    checkpoint = shutil.copytree(tiny_pairs["clip"], tmp_path / "ckpt")
+    (checkpoint / "preprocessor_config.json").write_text("[1, 2")
+    with pytest.raises(InputError, match="preprocessor_config.json"):
+        resolve_model(f"clip:local-dir:{checkpoint}")
+
+
 def test_siglip2_takes_fixed_resolution_checkpoints_and_refuses_naflex(tiny_pairs, tmp_path):
     """A fixed-resolution SigLIP 2 checkpoint is a `siglip` model type (SiglipModel, Gemma
     tokenizer): siglip2: takes it; a NaFlex one (model_type siglip2, variable patches) is one sentence."""

@@ -30,6 +30,7 @@ from ..encoders.base import Encoder
 from ..encoders.bert import _quiet_transformers
 from ..encoders.hub import hub_reachable, offline_requested
 from ..errors import InputError
+from ..formats import read_json_object
 from ..preprocess import ImagePreprocessConfig, ImagePreprocessor, TextPreprocessConfig, TextPreprocessor
 from . import PairParts, pair_bundle
 
@@ -123,9 +124,14 @@ def _hub_checkpoint(repo: str, revision: str | None) -> Checkpoint:
     return Checkpoint(folder, repo, commit, ("hub", repo, commit))
 
 
+def _checkpoint_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a checkpoint folder; a damaged one is one sentence naming it."""
+    return read_json_object(path, lambda problem: InputError(
+        f"cannot load the checkpoint in {path.parent}: {problem}; save it again with save_pretrained"))
+
+
 def read_model_type(location: Checkpoint) -> str:
-    config = json.loads((location.folder / "config.json").read_text(encoding="utf-8"))
-    return str(config.get("model_type", ""))
+    return str(_checkpoint_json(location.folder / "config.json").get("model_type", ""))
 
 
 # -- the checkpoint, loaded once per process -------------------------------------------------------
@@ -246,7 +252,7 @@ def image_preprocess_config(folder: Path) -> ImagePreprocessConfig:
     if not path.is_file():
         raise InputError(f"{folder} has no preprocessor_config.json; save the checkpoint's image processor beside it "
                          f"(processor.save_pretrained)")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _checkpoint_json(path)
     resample = RESAMPLE.get(int(data.get("resample", 3)))
     if resample is None:
         raise InputError(f"{path}: resample {data.get('resample')} is not one mmretrieve reproduces (nearest, bilinear, "
