@@ -526,7 +526,7 @@ def _index_model(folder: Path, rebuild: bool) -> str:
               help="Index the captions of this data file instead of images (for image->text search).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None,
-              help="Decoding processes (default: cores - 1); with --engine ray, encoder actors (default: the cluster's CPUs).")
+              help="Decoding processes (default: none on up to 2 cores, else cores - 1); with --engine ray, encoder actors (default: the cluster's CPUs).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where images are embedded: this machine, or a Ray cluster (pip install \"mmretrieve[ray]\"); "
                    "every Ray node must read PATH and the model at the same paths.")
