@@ -119,6 +119,10 @@ def _index(root, folder: Path, embedder, include, exclude, captions, options: di
                        ray_options.get("gpus_per_worker", 0)) as ray_engine:
             return index_images(user_path(root), folder, embedder, include, exclude, captions=captions_map,
                                 fusion=strategy, captions_source=source, engine=ray_engine, **options)
+    if options.get("workers") is None:  # the thread policy's decode processes, as `mmretrieve index` takes them
+        from .threads import current_policy, policy_for
+
+        options["workers"] = policy_for("index", cores=current_policy().cores).decode_workers
     return index_images(user_path(root), folder, embedder, include, exclude, captions=captions_map, fusion=strategy,
                         captions_source=source, **options)
 

@@ -108,3 +108,18 @@ def test_a_bundle_loaded_after_the_policy_runs_torch_on_the_policys_threads(tiny
             f"load_bundle({str(bundle)!r})\nimport torch\nprint(torch.get_num_threads())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "1"
+
+
+def test_library_index_runs_take_the_policys_decode_workers(monkeypatch, tmp_path):
+    # api.build_index / Index.update: the README's policy table holds for the library too
+    # (index_images alone defaults to one worker).
+    from mmretrieve import api
+    from mmretrieve.index import builder, fused
+
+    seen = []
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setattr(fused, "item_fusion_settings", lambda *args: (None, None, None))
+    monkeypatch.setattr(builder, "index_images", lambda *args, **options: seen.append(options["workers"]))
+    api._index(tmp_path, tmp_path / "index", None, (), (), None, {})
+    api._index(tmp_path, tmp_path / "index", None, (), (), None, {"workers": 2})
+    assert seen == [7, 2]
