@@ -246,8 +246,10 @@ def train(data, val_data, init_model, text_encoder, image_encoder, text_mode, im
         click.echo("no --init or encoders given: starting from the offline `default` model, as with --init default "
                    "(give --text-encoder/--image-encoder for fresh towers)", err=True)
     config = load_config(TrainConfig, config_file, sets)
+    from .threads import apply_to_torch
     from .train.loop import TrainingInterrupted, run_training
 
+    apply_to_torch()  # the loop imported torch after the group chose the threads
     try:
         result = run_training(config, resume=resume)
     except KeyboardInterrupt as exc:  # Ctrl-C: say what was kept and how to go on, instead of "Aborted!"

@@ -123,3 +123,39 @@ def test_library_index_runs_take_the_policys_decode_workers(monkeypatch, tmp_pat
     api._index(tmp_path, tmp_path / "index", None, (), (), None, {})
     api._index(tmp_path, tmp_path / "index", None, (), (), None, {"workers": 2})
     assert seen == [7, 2]
+
+
+def test_train_runs_torch_on_the_policys_threads(tiny_model, tmp_path):
+    # `mmretrieve train` chooses the policy before torch is imported (by the training loop);
+    # MMRETRIEVE_THREADS=1 must still mean one torch thread. The loop is a stand-in that, like
+    # the real one, imports torch when it is imported, and reports torch's threads.
+    import os
+    import subprocess
+    import sys
+
+    from mmretrieve.bundle import save_bundle
+
+    bundle = save_bundle(tiny_model, tmp_path / "bundle").path
+    code = ("import importlib.util, sys\n"
+            "def run_training(config, resume=False):\n"
+            "    import torch\n"
+            "    print('threads', torch.get_num_threads()); raise SystemExit(0)\n"
+            "class Loop:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        return importlib.util.spec_from_loader(name, self) if name == 'mmretrieve.train.loop' else None\n"
+            "    def create_module(self, spec): return None\n"
+            "    def exec_module(self, module):\n"
+            "        import torch\n"
+            "        module.TrainingInterrupted, module.run_training = KeyboardInterrupt, run_training\n"
+            "sys.meta_path.insert(0, Loop())\n"
+            "from mmretrieve.cli import cli\n"
+            "assert 'torch' not in sys.modules\n"
+            f"cli(['train', '--data', {str(tmp_path / 'd.jsonl')!r}, '--init', {str(bundle)!r}, "
+            f"'--output', {str(tmp_path / 'out')!r}])\n")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text('{"image": "a.png", "caption": "a black square"}\n')
+    env = {**os.environ, "MMRETRIEVE_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "threads 1" in done.stdout, done.stdout + done.stderr
