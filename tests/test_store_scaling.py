@@ -142,8 +142,18 @@ def test_replaced_rows_of_the_embeddings_file_are_compacted_away(tmp_path, monke
         ids, stored = store.all_embeddings()
         assert np.array_equal(stored, vectors) and ids.tolist() == list(range(1, 31))
         assert store.embedding_file().rows <= 2 * 30 + 10
-        assert [p.name for p in store.data_folder.glob("embeddings-*.f32")] == [store.embedding_file().path.name]
         assert store.embedding_problems() == (30, [])
+        # The replaced files stay, whole, for readers that read their names before the switch ...
+        current = store.embedding_file().path.name
+        older = sorted(p for p in store.data_folder.glob("embeddings-*.f32") if p.name != current)
+        assert older and all(p.stat().st_size % (4 * store.embedding_file().dim) == 0 for p in older)
+    finally:
+        store.close()
+    # ... until the next writer opens the index.
+    store = IndexStore.open(tmp_path / "idx")
+    try:
+        assert [p.name for p in store.data_folder.glob("embeddings-*.f32")] == [current]
+        assert np.array_equal(store.all_embeddings()[1], vectors)
     finally:
         store.close()
 

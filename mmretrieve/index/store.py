@@ -608,7 +608,9 @@ class IndexStore:
     def _compact_embeddings(self) -> None:
         """Rewrite the embeddings file without the rows no item names, once they outnumber the
         items (and ``COMPACT_MIN_ROWS``): a new file, synced, then one transaction that renumbers
-        the slots and names it; the old file is deleted after."""
+        the slots and names it. The old file stays until the next writer opens the index
+        (``_remove_stray_embeddings``), so a reader without the lock (``info --verify``) that read
+        its name before the commit still finds it whole."""
         old = self.embedding_file()
         live = self.count()
         if old.rows - live <= max(live, COMPACT_MIN_ROWS):
@@ -620,7 +622,6 @@ class IndexStore:
         with self.db:
             self.db.executemany("UPDATE items SET slot = ? WHERE id = ?", zip(range(len(ids)), ids.tolist()))
             self.db.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (EMBEDDINGS_KEY, new.name))
-        old.path.unlink(missing_ok=True)
 
     def _remove_stray_embeddings(self) -> None:
         """Embeddings files the database does not name (a compaction or migration killed midway)."""
