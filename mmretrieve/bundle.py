@@ -236,7 +236,7 @@ def absolute_ref(ref: str | Path) -> str:
     """A model given as a path (``~`` expanded) as its absolute, resolved path, so that an index
     built with it, or a process started in another folder, still finds it; a name a plugin
     registered (``default``) stays a name, and so does a prefixed reference, except that the folder
-    of a ``PREFIX:local-dir:PATH`` is made absolute. A path that exists wins over a name, as in
+    of a ``PREFIX:local-dir:PATH`` or ``PREFIX:PATH`` (a path that exists) is made absolute. A path that exists wins over a name, as in
     resolve_model."""
     path = Path(ref).expanduser()
     if path.exists():
@@ -244,6 +244,9 @@ def absolute_ref(ref: str | Path) -> str:
     prefix, _, rest = str(ref).partition(":")
     if rest.startswith(LOCAL_DIR) and _prefixed(str(ref)) is not None:
         return f"{prefix}:{LOCAL_DIR}{Path(rest[len(LOCAL_DIR):]).expanduser().resolve()}"
+    if rest and Path(rest).expanduser().exists() and _prefixed(str(ref)) is not None:
+        # `clip:./my-checkpoint`: the folder as typed only means something in this directory.
+        return f"{prefix}:{Path(rest).expanduser().resolve()}"
     return str(ref)
 
 

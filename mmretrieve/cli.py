@@ -144,6 +144,23 @@ def embed(encoder_name, model_ref, texts, texts_file, images, out, rows_format, 
         click.echo(f"skipped {skipped['path']}: {skipped['reason']}", err=True)
 
 
+def _trained_line(trained: dict) -> str:
+    """What `train` recorded in a bundle: the start, the best and the gain (a hand-edited or partial
+    record prints what it has)."""
+    from .metrics import mean_recall
+
+    def gain(direction: str, name: str) -> str:
+        value = (trained["gain"].get(direction) or {}).get(name)
+        return f"{value:+.1f}" if isinstance(value, (int, float)) else "?"
+
+    try:
+        recalls = f"mean recall {mean_recall(trained['start']):.1f} at the start -> {mean_recall(trained['val']):.1f} "
+    except (AttributeError, KeyError, TypeError, ValueError):
+        recalls = ""
+    return (f"best at step {trained.get('step', '?')}: {recalls}(gain R@1/R@5: t2i {gain('t2i', 'R@1')}/"
+            f"{gain('t2i', 'R@5')}, i2t {gain('i2t', 'R@1')}/{gain('i2t', 'R@5')})")
+
+
 @cli.command()
 @click.argument("model_ref", metavar="MODEL")
 @click.option("--verify", is_flag=True, help="Re-hash every file against the manifest; for an index, also check "
@@ -194,12 +211,7 @@ def info(model_ref: str, verify: bool, as_json: bool) -> None:
         click.echo(f"{name + ' tower:':<13} {tower['registered_as']} ({tower['family']}, {tower['dim']}-d){stored}")
     trained = manifest.get("metadata") or {}
     if isinstance(trained.get("gain"), dict) and isinstance(trained.get("start"), dict):  # written by `train`
-        from .metrics import mean_recall
-
-        click.echo(f"trained:      best at step {trained.get('step', '?')}: mean recall "
-                   f"{mean_recall(trained['start']):.1f} at the start -> {mean_recall(trained['val']):.1f} "
-                   f"(gain R@1/R@5: t2i {trained['gain']['t2i']['R@1']:+.1f}/{trained['gain']['t2i']['R@5']:+.1f}, "
-                   f"i2t {trained['gain']['i2t']['R@1']:+.1f}/{trained['gain']['i2t']['R@5']:+.1f})")
+        click.echo(f"trained:      {_trained_line(trained)}")
     stored = manifest.get("stored_parameters", manifest["parameters"])
     click.echo(f"parameters:   {manifest['parameters']:,}" +
                (f" ({stored:,} stored in the bundle)" if stored != manifest["parameters"] else ""))

@@ -168,3 +168,15 @@ def test_startup_never_imports_torch(args):
     env = {**os.environ, plugins.ENV_LOAD: "offline-towers"}
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=env)
     assert "HEAVY []" in result.stderr, result.stderr
+
+
+def test_info_prints_what_a_partial_training_record_has(bundle, run):
+    """A bundle whose training record was edited by hand (a gain without i2t) is described, not a KeyError."""
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["metadata"] = {"step": 7, "start": {"t2i": {"R@1": 10.0}}, "val": {"t2i": {"R@1": 12.0}},
+                            "gain": {"t2i": {"R@1": 2.0}}}
+    manifest_path.write_text(json.dumps(manifest))
+    result = run("info", str(bundle))
+    assert result.exit_code == 0, result.output
+    assert "best at step 7: mean recall 10.0 at the start -> 12.0 (gain R@1/R@5: t2i +2.0/?, i2t ?/?)" in result.output

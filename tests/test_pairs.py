@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +353,16 @@ def test_a_checkpoint_folder_without_weights_is_one_sentence(tiny_pairs, tmp_pat
     (checkpoint / "model.safetensors").unlink()
     with pytest.raises(InputError, match="cannot load the checkpoint in"):
         resolve_model(checkpoint)
+
+
+def test_a_relative_checkpoint_folder_is_recorded_absolute(tiny_pairs, tmp_path, monkeypatch):
+    """`--model clip:./ckpt` must still mean that folder to a search started elsewhere (the ref is
+    what an index manifest records)."""
+    from mmretrieve.bundle import absolute_ref, read_bundle_info
+
+    folder = Path(tiny_pairs["clip"])
+    monkeypatch.chdir(folder.parent)
+    ref = absolute_ref(f"clip:./{folder.name}")
+    assert ref == f"clip:{folder.resolve()}"
+    monkeypatch.chdir(tmp_path)
+    assert read_bundle_info(ref).fingerprint == read_bundle_info(f"clip:local-dir:{folder}").fingerprint
