@@ -16,6 +16,7 @@ from PIL import Image
 from mmretrieve.bundle import load_bundle, resolve_model
 from mmretrieve.cli import cli
 from mmretrieve.plugins import reset_host
+from mmretrieve.train.checkpoint import load_checkpoint
 
 from tiny_open_clip import MULTILINGUAL
 
@@ -78,11 +79,15 @@ def test_train_from_the_pair_in_lit_mode(tiny_clip_dir, tmp_path):
                     "--set", "workers=0", "--set", "val_size=3")
     assert "trained 3 steps" in result.stdout and "start" in result.stdout and "gain" in result.stdout
     start, tuned = load_bundle(resolve_model(ref)), load_bundle(tmp_path / "run" / "best")
-    # LiT: the image tower is the checkpoint's (locked); the text tower moved.
+    # LiT: the image tower is the checkpoint's (locked); the text tower moved in the run.
     for name, value in start.image_tower.state_dict().items():
         torch.testing.assert_close(tuned.image_tower.state_dict()[name], value)
+    last = load_checkpoint(tmp_path / "run" / "checkpoint")["model"]
+    assert [n for n, v in start.text_tower.state_dict().items() if not torch.equal(last[f"text_tower.{n}"], v)]
+    # The best bundle holds the trained text tower, or the pair itself if the start stayed best.
+    best_step = json.loads((tmp_path / "run" / "summary.json").read_text())["best_step"]
     moved = [n for n, v in start.text_tower.state_dict().items() if not torch.equal(tuned.text_tower.state_dict()[n], v)]
-    assert moved
+    assert bool(moved) == (best_step > 0)
 
 
 def test_multilingual_pair_tokenizes_and_scores_as_open_clip(multilingual_dir, photos, tmp_path):
