@@ -257,8 +257,8 @@ def _scan_entry_points() -> list[FoundEntryPoint]:
 
 
 def cache_dir() -> Path:
-    """$XDG_CACHE_HOME/mmretrieve (~/.cache/mmretrieve)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmretrieve"
+    """$XDG_CACHE_HOME/mmretrieve (~/.cache/mmretrieve): the one base of mmretrieve's caches."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mmretrieve"
 
 
 def _mtime(path: str) -> int | None:

@@ -86,10 +86,9 @@ def model_from_pair(parts: PairParts) -> "RetrievalModel":
 
 def cache_root() -> Path:
     """$MMRETRIEVE_CACHE, else $XDG_CACHE_HOME/mmretrieve, else ~/.cache/mmretrieve."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mmretrieve"
+    from ..plugins import cache_dir
+
+    return Path(os.environ[ENV_CACHE]).expanduser() if os.environ.get(ENV_CACHE) else cache_dir()
 
 
 def bundle_folder(ref: str) -> Path:

@@ -29,12 +29,12 @@ from ..config import TowerConfig
 from ..encoders.base import Encoder
 from ..encoders.bert import _quiet_transformers
 from ..encoders.hub import hub_reachable, offline_requested
+from ..bundle import LOCAL_DIR
 from ..errors import InputError
 from ..formats import read_json_object
 from ..preprocess import ImagePreprocessConfig, ImagePreprocessor, TextPreprocessConfig, TextPreprocessor
 from . import PairParts, pair_bundle
 
-LOCAL_DIR = "local-dir:"
 # model_type -> (pair class, text class, vision class), names in transformers.
 CLASSES = {
     "clip": ("CLIPModel", "CLIPTextModel", "CLIPVisionModel"),

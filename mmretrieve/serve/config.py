@@ -16,8 +16,9 @@ def default_thumb_cache() -> Path:
     """$MMRETRIEVE_THUMB_CACHE, else $XDG_CACHE_HOME/mmretrieve/thumbs (~/.cache/...)."""
     if os.environ.get(THUMB_CACHE_ENV):
         return Path(os.environ[THUMB_CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mmretrieve" / "thumbs"
+    from ..plugins import cache_dir
+
+    return cache_dir() / "thumbs"
 
 
 @dataclass
