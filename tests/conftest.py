@@ -108,3 +108,18 @@ def messy_image_folder(tmp_path) -> Path:
 
 GOOD_IMAGES = {"a.jpg", "b.png", "café ☕.webp", "tall.bmp"}
 BAD_IMAGES = {"zero.jpg", "corrupt.png", "truncated.jpg"}
+
+
+@pytest.fixture
+def run():
+    """The CLI in this process: run("index", folder, ...) -> click's Result (exceptions propagate)."""
+    from click.testing import CliRunner
+
+    from mmretrieve.cli import cli
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

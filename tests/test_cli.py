@@ -19,16 +19,6 @@ from tiny_models import TINY_TIMM
 
 
 @pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
-
-
-@pytest.fixture
 def builtins_only(monkeypatch):
     monkeypatch.setenv(plugins.ENV_LOAD, "")
 

@@ -48,16 +48,6 @@ def checkpoint_scores(folder, kind: str, feeds: dict[str, np.ndarray], pixels: n
         return ((logits - bias) / model.logit_scale.exp()).numpy()
 
 
-@pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-    return invoke
-
-
 @pytest.mark.parametrize("kind", PAIRS)
 def test_scores_are_the_checkpoints_cosine(tiny_pairs, kind):
     """Through the torch runtime (what index and search use): every text-image score equals the
