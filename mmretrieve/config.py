@@ -179,6 +179,10 @@ class TrainConfig:
     seed: int = 0  # model init, caption choice, data order and split
     workers: int = 2  # data-loading processes (decoding and preprocessing images)
     cache_frozen: bool = True  # embed frozen towers once and train on cached features
+    image_views: int = 1  # cached views per training image of a frozen image tower: view 0 plain, the others augmented; one drawn per image each epoch
+    image_view_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # augmented views: share of the image's area a random crop keeps (min, max)
+    image_view_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # augmented views: the crop's width / height (min, max), squashed to a square
+    image_view_flip: bool = True  # augmented views: mirror half of them left-right
     bridge_weights: list[float] = field(default_factory=list)  # label bridge: mixing weights tried at each validation; the best is kept
     strict_data: bool = False  # stop on the first unreadable image or malformed record
     bundle_towers: str = "auto"  # embed: bundles hold every weight; reference: towers' unchanged weights stay in their encoder's plugin (or checkpoint); auto: as the init bundle stores them (a pretrained pair: reference), else embed

@@ -12,8 +12,10 @@ on it), so a runtime's embedder (onnx) embeds through this module without it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .atomic import write_npy_atomic
-from .decode import Decoded, decode_images
+from .augment import ViewAugmentation, decode_views, init_views
+from .decode import Decoded, decode_images, ordered_map
 from .errors import InputError
 from .progress import progress_bar
 
@@ -170,3 +173,55 @@ def cached_tower_features(encoder, inputs: list, cache_dir: Path | None, batch_s
     if path is not None:
         write_npy_atomic(path, features)
     return torch.from_numpy(features)
+
+
+def cached_view_features(encoder, inputs: list, cache_dir: Path, batch_size: int, device, label: str,
+                         fingerprint: str, views: int, settings: ViewAugmentation, workers: int = 0) -> torch.Tensor:
+    """Raw features of a frozen image tower for ``views`` views of every image (``mmretrieve.augment``:
+    view 0 plain, the others augmented): float32 (images, views, dim), computed once per (weights,
+    preprocessing, augmentation, views, inputs) and kept on disk.
+
+    Each file is decoded once for all its views; ``batch_size`` counts tower rows (views). Rows are
+    written to a memory-mapped file as they come, so memory holds a few batches of pixels, never the
+    decoded collection; the finished file replaces the cache entry atomically.
+    """
+    import torch
+
+    key = hashlib.sha256("\n".join([fingerprint, settings.key(), f"views={views}", *map(str, inputs)]).encode())
+    path = Path(cache_dir) / f"{label}-views{views}-{key.hexdigest()[:16]}.npy"
+    shape = (len(inputs), views, encoder.dim)
+    if path.is_file():
+        features = np.load(path)
+        if features.shape == shape:
+            log.info("using cached %s features of %d views from %s", label, views, path)
+            return torch.from_numpy(features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        run = torch_rows(encoder.module, encoder.forward, device)
+        per_call = max(1, batch_size // views)  # images per tower call
+        decoded = ordered_map(decode_views, inputs, workers, initializer=init_views,
+                              initargs=(encoder.preprocessor, views, settings), read_ahead=max(2 * per_call, 8))
+        row, batch = 0, []
+        with contextlib.closing(decoded), \
+                progress_bar(total=len(inputs), unit="image", desc=f"image features, {views} views") as bar:
+            for image in decoded:
+                if image.error:
+                    raise InputError(f"{image.path}: {image.error}")
+                batch.append(image.pixels)
+                if len(batch) == per_call or row + len(batch) == len(inputs):
+                    pixels = np.concatenate(batch)  # (images * views, size, size, 3)
+                    rows = run({"pixel_values": encoder.preprocessor.normalize(pixels)})
+                    out[row:row + len(batch)] = rows.reshape(len(batch), views, -1)
+                    row += len(batch)
+                    bar.update(len(batch))
+                    batch = []
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return torch.from_numpy(np.load(path))

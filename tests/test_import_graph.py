@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("mmretrieve", "mmretrieve.errors", "mmretrieve.atomic", "mmretrieve.formats",
               "mmretrieve.config", "mmretrieve.images", "mmretrieve.preprocess", "mmretrieve.progress",
               "mmretrieve.data", "mmretrieve.metrics", "mmretrieve.hookspecs", "mmretrieve.decode",
-              "mmretrieve.embedding", "mmretrieve.threads", "mmretrieve.allocator")),
+              "mmretrieve.augment", "mmretrieve.embedding", "mmretrieve.threads", "mmretrieve.allocator")),
     ("plugin core", ("mmretrieve.specs", "mmretrieve.registry", "mmretrieve.plugins", "mmretrieve.default_plugins")),
     ("encoders/model", ("mmretrieve.encoders", "mmretrieve.bridge", "mmretrieve.model", "mmretrieve.bundle",
                         "mmretrieve.pairs")),

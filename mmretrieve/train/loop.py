@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomic
+from ..augment import ViewAugmentation
 from ..bundle import check_reproducible, load_bundle, save_bundle, tower_fingerprint
 from ..config import TrainConfig, to_dict
 from ..data import CaptionSet, all_captions, load_captions, split_by_image
-from ..embedding import cached_tower_features
+from ..embedding import cached_tower_features, cached_view_features
 from ..errors import ConfigError, InputError
 from ..evaluate import evaluate_model
 from ..metrics import mean_recall
@@ -164,8 +165,11 @@ class ContrastiveStep(nn.Module):
         model = self.model
         # model.project: the heads, and the label bridge's fixed part beside them if the model has one.
         if self.image_cache is not None:
-            image = model.project("image", self.image_cache[batch["image_row"].to(self.image_cache.device)].to(device),
-                                  normalize=False)
+            rows = batch["image_row"].to(self.image_cache.device)
+            # Several cached views (images, views, dim): the one the sampler drew for this epoch.
+            features = self.image_cache[rows, batch["image_view"].to(rows.device)] if "image_view" in batch \
+                else self.image_cache[rows]
+            image = model.project("image", features.to(device), normalize=False)
         else:
             image = model.project("image", model.image_tower(**{k: v.to(device) for k, v in batch["image_inputs"].items()}),
                                   normalize=False)
@@ -217,6 +221,7 @@ class Trainer:
         self.config = config
         if config.bundle_towers not in BUNDLE_TOWERS:
             raise ConfigError(f"bundle_towers must be auto, embed or reference, not {config.bundle_towers!r}")
+        self.view_augmentation = self._check_image_views()
         self.output = Path(config.output)
         self.dist = init_distributed("cuda" if config.device.startswith("cuda") or
                                      (config.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -243,7 +248,7 @@ class Trainer:
         self.step_module = ContrastiveStep(self.model, self.loss, self.caches.get("image"), self.caches.get("text"))
         self.ddp = self._wrap_ddp()
         self.sampler = EpochBatches([len(i.captions) for i in self.train_set.items], config.batch_size, config.seed,
-                                    self.dist.rank, self.dist.world_size)
+                                    self.dist.rank, self.dist.world_size, views=config.image_views)
         per_epoch = self.sampler.batches_per_epoch // config.grad_accum
         if per_epoch == 0:
             raise ConfigError("grad_accum is larger than the number of batches in an epoch")
@@ -272,7 +277,8 @@ class Trainer:
         if not resume and has_run:
             raise ConfigError(f"{self.output} already holds a run; pass --resume to continue it or choose another output")
         if resume:
-            saved = json.loads((self.output / "train_config.json").read_text())
+            # A setting added since the run started had its default then.
+            saved = {**to_dict(TrainConfig()), **json.loads((self.output / "train_config.json").read_text())}
             now = to_dict(self.config)
             changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k)]
             if changed:
@@ -336,6 +342,22 @@ class Trainer:
             log.info("%s loss: bias starts at the checkpoint's %.4f", loss_spec.name, float(bias))
         return options
 
+    def _check_image_views(self) -> ViewAugmentation | None:
+        """The augmentation of ``image_views`` > 1 (None for one view); refused unless the image
+        tower is frozen and cached, since the views exist only as cached features."""
+        config = self.config
+        views = config.image_views
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ConfigError(f"image_views must be a whole number of at least 1, not {views!r}")
+        if views == 1:
+            return None
+        if parse_mode(config.image.mode)[0] != "frozen" or not config.cache_frozen:
+            here = f"image.mode = {config.image.mode!r}" if config.cache_frozen else "cache_frozen = false"
+            raise ConfigError(f"image_views = {views} needs the image tower frozen and cached (image.mode = 'frozen', "
+                              f"cache_frozen = true; here {here}), because augmented views exist only as cached "
+                              f"features")
+        return ViewAugmentation(config.image_view_scale, config.image_view_ratio, config.image_view_flip)
+
     def _prepare_caches(self) -> None:
         """Features of frozen towers, for training and validation items, computed once."""
         self.caches: dict[str, torch.Tensor] = {}
@@ -351,13 +373,20 @@ class Trainer:
             for split, items, target in (("train", self.train_set.items, self.caches),
                                          ("val", self.val_items, self.val_caches)):
                 inputs = [i.image for i in items] if name == "image" else all_captions(items)
+                views = self.config.image_views if (name, split) == ("image", "train") else 1
+
+                def features(workers: int) -> torch.Tensor:
+                    if views > 1:  # validation sees only the plain view, as indexing does
+                        return cached_view_features(encoder, inputs, cache_dir, 64, self.device, f"{name}-{split}",
+                                                    fingerprint, views, self.view_augmentation, workers)
+                    return cached_tower_features(encoder, inputs, cache_dir, 64, self.device, f"{name}-{split}",
+                                                 fingerprint, workers)
+
                 if self.main:
-                    target[name] = cached_tower_features(encoder, inputs, cache_dir, 64, self.device,
-                                                         f"{name}-{split}", fingerprint, self.config.workers)
+                    target[name] = features(self.config.workers)
                 barrier(self.dist)
                 if not self.main:
-                    target[name] = cached_tower_features(encoder, inputs, cache_dir, 64, self.device,
-                                                         f"{name}-{split}", fingerprint)
+                    target[name] = features(0)
                 target[name] = target[name].to(self.device)
 
     def _wrap_ddp(self):

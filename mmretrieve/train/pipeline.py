@@ -4,7 +4,9 @@ Batches are a pure function of (seed, epoch, position), so a resumed run sees ex
 batches an uninterrupted one would have, and ranks under torchrun take disjoint shards.
 Each batch holds distinct images, so no caption of the same photo appears as a false negative.
 Frozen towers' features are computed and cached by ``mmretrieve.embedding.cached_tower_features``,
-keyed by ``mmretrieve.bundle.tower_fingerprint``.
+keyed by ``mmretrieve.bundle.tower_fingerprint``; with several cached views per image
+(``image_views``, ``mmretrieve.embedding.cached_view_features``) the plan also picks each image's view
+for the epoch, from a stream of its own, so the images and captions are those of a one-view run.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from ..images import load_image
 
 
 class EpochBatches(Sampler):
-    """Yields lists of (image index, caption index), resumable from (epoch, batch)."""
+    """Yields lists of (image index, caption index), or with ``views`` > 1 of (image index, caption
+    index, view), resumable from (epoch, batch)."""
 
     def __init__(self, caption_counts: Sequence[int], batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, views: int = 1):
         self.caption_counts = np.asarray(caption_counts)
+        self.views = views
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -50,12 +54,17 @@ class EpochBatches(Sampler):
         captions = (rng.random(len(order)) * self.caption_counts[order]).astype(np.int64)
         return order, captions
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def epoch_views(self, epoch: int) -> np.ndarray:
+        """The view of each image (by image index) in ``epoch``: uniform over the cached views."""
+        return np.random.default_rng([self.seed, epoch, 1]).integers(0, self.views, len(self.caption_counts))
+
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         order, captions = self.epoch_plan(self.epoch)
+        columns = [order, captions] + ([self.epoch_views(self.epoch)[order]] if self.views > 1 else [])
         per_step = self.batch_size * self.world_size
         for batch in range(self.start_batch, self.batches_per_epoch):
             lo = batch * per_step + self.rank * self.batch_size
-            yield list(zip(order[lo:lo + self.batch_size].tolist(), captions[lo:lo + self.batch_size].tolist()))
+            yield list(zip(*(column[lo:lo + self.batch_size].tolist() for column in columns)))
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
@@ -72,14 +81,16 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        image_index, caption_index = key
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        image_index, caption_index = key[:2]
         item = self.items[image_index]
         sample: dict[str, Any] = {
             "image_row": image_index,
             "caption_row": int(self.caption_offsets[image_index] + caption_index),
             "caption": item.captions[caption_index],
         }
+        if len(key) > 2:  # the cached view of the image this epoch
+            sample["image_view"] = key[2]
         if self.image_preprocessor is not None:
             sample["pixel_values"] = self.image_preprocessor.transform(load_image(item.image))
         return sample
@@ -96,6 +107,8 @@ class Collate:
             "image_row": torch.tensor([s["image_row"] for s in samples]),
             "caption_row": torch.tensor([s["caption_row"] for s in samples]),
         }
+        if "image_view" in samples[0]:
+            batch["image_view"] = torch.tensor([s["image_view"] for s in samples])
         if "pixel_values" in samples[0]:
             batch["image_inputs"] = {"pixel_values": torch.from_numpy(np.stack([s["pixel_values"] for s in samples]))}
         if self.text_preprocessor is not None:
