@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-
+import contextlib
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -79,6 +79,11 @@ class Encoder(abc.ABC):
         from ..specs import rebuild_options
 
         return cls(**rebuild_options(cls, options))
+
+    def export_context(self) -> contextlib.AbstractContextManager:
+        """Entered while the tower is traced into an ONNX graph (mmretrieve.export.graph), whose
+        inputs keep their example's size on every axis its ``dynamic_axes`` leave out."""
+        return contextlib.nullcontext()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())

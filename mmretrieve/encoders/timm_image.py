@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,38 @@ class ImageTower(nn.Module):
         # Convolutions run ~1.6x faster on CPU in channels-last layout (measured on
         # EfficientNet-Lite0); the conversion is free when the input is already in it.
         return self.model(pixel_values.contiguous(memory_format=torch.channels_last))
+
+
+# timm modules that pad TensorFlow-style ("same") through padding.pad_same: Conv2dSame, the
+# pools and StdConv2dSame look the function up in their own module when they run.
+PAD_SAME_USERS = ("timm.layers.conv2d_same", "timm.layers.pool2d_same", "timm.layers.std_conv")
+
+
+@contextlib.contextmanager
+def fixed_size_padding():
+    """timm's "same" padding computed from the input's height and width as plain numbers while a
+    tower is traced: the graph's image size is fixed (only the batch axis is dynamic), so each Pad
+    gets constant pads, which onnxruntime folds into the next Conv. Traced as it is, the padding is
+    computed from the tensor's shape at run time (Shape, Ceil, ...), and for EfficientNet-Lite0's
+    five stride-2 convolutions onnxruntime left each Pad standing between layout reorders (NCHWc to
+    NCHW and back): 20% of the image tower's time; 1.24x img/s without them (docs/benchmarks.md)."""
+    from timm.layers.padding import get_same_padding
+
+    def pad_same(x, kernel_size, stride, dilation=(1, 1), value: float = 0):
+        height, width = (int(size) for size in x.shape[-2:])  # int(): a constant in the trace
+        pad_h = get_same_padding(height, kernel_size[0], stride[0], dilation[0])
+        pad_w = get_same_padding(width, kernel_size[1], stride[1], dilation[1])
+        return nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+
+    modules = [importlib.import_module(name) for name in PAD_SAME_USERS]
+    saved = [module.pad_same for module in modules]
+    for module in modules:
+        module.pad_same = pad_same
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.pad_same = original
 
 
 class TimmEncoder(Encoder):
@@ -77,6 +111,9 @@ class TimmEncoder(Encoder):
 
     def enable_grad_checkpointing(self) -> None:
         self.module.model.set_grad_checkpointing(True)
+
+    def export_context(self) -> contextlib.AbstractContextManager:
+        return fixed_size_padding()
 
     def example_inputs(self, batch: int = 2) -> dict[str, np.ndarray]:
         size = self.preprocessor.config.size

@@ -79,7 +79,7 @@ def export_tower(model: nn.Module, tower: str, path: Path, opset: int = DEFAULT_
         dynamic_axes = {name: dict(encoder.dynamic_axes[name]) for name in graph["inputs"]}
     dynamic_axes[graph["output"]] = {0: "batch"}
     module = EmbeddingGraph(model, tower, encoder.preprocessor if uint8 else None)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), encoder.export_context():
         warnings.simplefilter("ignore")  # TracerWarnings about shapes turned into constants (fixed crop size)
         torch.onnx.export(module.eval(), example, str(path), dynamo=False,
                           input_names=list(graph["inputs"]), output_names=[graph["output"]],
