@@ -105,30 +105,31 @@ def augment(image: Image.Image, settings: ViewAugmentation, rng: np.random.Gener
     return view
 
 
-def view_pixels(image: Image.Image, digest: str, views: int, preprocessor,
-                settings: ViewAugmentation) -> np.ndarray:
-    """uint8 (views, size, size, 3): the preprocessor's ``resize_crop`` of the image (view 0) and
-    of ``views - 1`` augmentations of it."""
-    out = [preprocessor.resize_crop(image)]
-    for view in range(1, views):
-        out.append(preprocessor.resize_crop(augment(image, settings, view_rng(digest, view))))
+def view_pixels(image: Image.Image, digest: str, views: int, preprocessor, settings: ViewAugmentation,
+                first: int = 0) -> np.ndarray:
+    """uint8 (views - first, size, size, 3): views ``first`` to ``views - 1`` of the image, the
+    preprocessor's ``resize_crop`` of the image itself (view 0) or of an augmentation of it."""
+    out = []
+    for view in range(first, views):
+        source = image if view == 0 else augment(image, settings, view_rng(digest, view))
+        out.append(preprocessor.resize_crop(source))
     return np.stack(out)
 
 
-_worker: tuple | None = None  # (preprocessor, views, settings), set in each pool worker by init_views
+_worker: tuple | None = None  # (preprocessor, views, settings, first), set in each pool worker by init_views
 
 
-def init_views(preprocessor, views: int, settings: ViewAugmentation) -> None:
-    """Pool initialiser for ``decode_views``: what it works with in this worker."""
+def init_views(preprocessor, views: int, settings: ViewAugmentation, first: int = 0) -> None:
+    """Pool initialiser for ``decode_views``: what it works with in this worker (views from ``first``)."""
     global _worker
-    _worker = (preprocessor, views, settings)
+    _worker = (preprocessor, views, settings, first)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def decode_views(path: str) -> Decoded:
     """Read and decode the file once; ``pixels`` are its ``view_pixels``. Never raises: a file that
     cannot be used comes back with the reason, as ``mmretrieve.decode.decode_one`` does."""
-    preprocessor, views, settings = _worker
+    preprocessor, views, settings, first = _worker
     digest = None
     try:
         data = read_image_file(path)
@@ -136,7 +137,8 @@ def decode_views(path: str) -> Decoded:
         image = load_image(data, name=path)
         del data
         width, height = image.info.get("source_size", image.size)
-        return Decoded(path, view_pixels(image, digest, views, preprocessor, settings), width, height, digest)
+        pixels = view_pixels(image, digest, views, preprocessor, settings, first)
+        return Decoded(path, pixels, width, height, digest)
     except ImageInputError as exc:
         return Decoded(path, None, sha256=digest, error=exc.reason)
     except MemoryError:

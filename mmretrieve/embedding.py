@@ -156,14 +156,19 @@ def tower_features(encoder, inputs: list, batch_size: int, device, workers: int 
     return features
 
 
+def tower_cache_path(cache_dir: Path, label: str, fingerprint: str, inputs: list) -> Path:
+    """Where ``cached_tower_features`` keeps the features of ``inputs``."""
+    key = hashlib.sha256((fingerprint + "\n" + "\n".join(map(str, inputs))).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{label}-{key}.npy"
+
+
 def cached_tower_features(encoder, inputs: list, cache_dir: Path | None, batch_size: int, device, label: str,
                           fingerprint: str, workers: int = 0) -> torch.Tensor:
     """Raw (pre-head) features of a frozen tower for every input, computed once per
     (weights, preprocessing, inputs) and kept on disk so resumed runs skip the work."""
     import torch
 
-    key = hashlib.sha256((fingerprint + "\n" + "\n".join(map(str, inputs))).encode()).hexdigest()[:16]
-    path = cache_dir / f"{label}-{key}.npy" if cache_dir else None
+    path = tower_cache_path(cache_dir, label, fingerprint, inputs) if cache_dir else None
     if path is not None and path.is_file():
         features = np.load(path)
         if features.shape == (len(inputs), encoder.dim):
@@ -183,7 +188,9 @@ def cached_view_features(encoder, inputs: list, cache_dir: Path, batch_size: int
 
     Each file is decoded once for all its views; ``batch_size`` counts tower rows (views). Rows are
     written to a memory-mapped file as they come, so memory holds a few batches of pixels, never the
-    decoded collection; the finished file replaces the cache entry atomically.
+    decoded collection; the finished file replaces the cache entry atomically. When the folder holds
+    the plain features of the same inputs (``cached_tower_features``, a one-view run's cache), they
+    are view 0 and the tower runs only for the augmented views.
     """
     import torch
 
@@ -199,21 +206,30 @@ def cached_view_features(encoder, inputs: list, cache_dir: Path, batch_size: int
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        first = 0
+        plain_path = tower_cache_path(cache_dir, label, fingerprint, inputs)
+        if plain_path.is_file():
+            plain = np.load(plain_path, mmap_mode="r")
+            if plain.shape == (len(inputs), encoder.dim):
+                log.info("view 0 of %s: the plain features cached in %s", label, plain_path)
+                out[:, 0], first = plain, 1
+            del plain
+        computed = views - first
         run = torch_rows(encoder.module, encoder.forward, device)
-        per_call = max(1, batch_size // views)  # images per tower call
+        per_call = max(1, batch_size // computed)  # images per tower call
         decoded = ordered_map(decode_views, inputs, workers, initializer=init_views,
-                              initargs=(encoder.preprocessor, views, settings), read_ahead=max(2 * per_call, 8))
+                              initargs=(encoder.preprocessor, views, settings, first), read_ahead=max(2 * per_call, 8))
         row, batch = 0, []
-        with contextlib.closing(decoded), \
-                progress_bar(total=len(inputs), unit="image", desc=f"image features, {views} views") as bar:
+        desc = f"image features, {views} views" + (" (view 0 cached)" if first else "")
+        with contextlib.closing(decoded), progress_bar(total=len(inputs), unit="image", desc=desc) as bar:
             for image in decoded:
                 if image.error:
                     raise InputError(f"{image.path}: {image.error}")
                 batch.append(image.pixels)
                 if len(batch) == per_call or row + len(batch) == len(inputs):
-                    pixels = np.concatenate(batch)  # (images * views, size, size, 3)
+                    pixels = np.concatenate(batch)  # (images * computed views, size, size, 3)
                     rows = run({"pixel_values": encoder.preprocessor.normalize(pixels)})
-                    out[row:row + len(batch)] = rows.reshape(len(batch), views, -1)
+                    out[row:row + len(batch), first:] = rows.reshape(len(batch), computed, -1)
                     row += len(batch)
                     bar.update(len(batch))
                     batch = []

@@ -83,6 +83,30 @@ def test_bad_augmentation_settings_are_one_sentence(settings, message):
         ViewAugmentation(**settings)
 
 
+def test_a_plain_cache_of_the_same_images_is_view_zero_and_only_augmented_views_are_computed(tmp_path, colour_data):
+    from mmretrieve.bundle import tower_fingerprint
+    from mmretrieve.data import load_captions
+    from mmretrieve.embedding import cached_tower_features, cached_view_features, tower_cache_path
+    from mmretrieve.encoders.factory import create_encoder
+
+    encoder = create_encoder(f"timm:{TINY_TIMM}", pretrained=False, image_size=48)
+    paths = [item.image for item in load_captions(str(colour_data), progress=False).items[:10]]
+    fingerprint, settings = tower_fingerprint(encoder), ViewAugmentation()
+
+    def views(folder):
+        return cached_view_features(encoder, paths, folder, 8, "cpu", "image-train", fingerprint, 3, settings).numpy()
+
+    alone = views(tmp_path / "alone")
+    plain = cached_tower_features(encoder, paths, tmp_path / "beside", 8, "cpu", "image-train", fingerprint)
+    np.testing.assert_allclose(alone[:, 0], plain.numpy(), rtol=1e-5, atol=1e-6)
+    # Mark the plain file, to see that view 0 is read from it rather than computed again.
+    path = tower_cache_path(tmp_path / "beside", "image-train", fingerprint, paths)
+    np.save(path, np.full((10, encoder.dim), 7.0, dtype=np.float32))
+    beside = views(tmp_path / "beside")
+    assert (beside[:, 0] == 7.0).all()
+    np.testing.assert_allclose(beside[:, 1:], alone[:, 1:], rtol=1e-5, atol=1e-6)
+
+
 # -- the sampler --------------------------------------------------------------------------------
 
 def test_sampler_draws_a_view_per_image_each_epoch_without_changing_images_or_captions():
