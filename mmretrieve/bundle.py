@@ -18,17 +18,18 @@ leaves the previous bundle (or nothing) behind, never a half-written one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import ModelConfig, from_dict, to_dict
 from .errors import BundleError, InputError, UnknownNameError
 from .formats import read_folder_manifest, read_json_object, sha256_file
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 FORMAT = "mmretrieve-bundle"
 FORMAT_VERSION = 1
@@ -50,6 +51,8 @@ class BundleInfo:
 
     @property
     def config(self) -> ModelConfig:
+        from .config import ModelConfig, from_dict  # not at import: a search reads no bundle config
+
         return from_dict(ModelConfig, self.model["config"])
 
 
@@ -62,6 +65,8 @@ def hash_module(digest, module) -> None:
 
 def tower_fingerprint(encoder) -> str:
     """A tower's weights and preprocessing: the key its cached features are stored under."""
+    import hashlib
+
     digest = hashlib.sha256()
     hash_module(digest, encoder.module)
     digest.update(json.dumps(getattr(encoder.preprocessor, "config", None).__dict__, sort_keys=True,
@@ -71,6 +76,8 @@ def tower_fingerprint(encoder) -> str:
 
 def module_digest(module) -> str:
     """SHA-256 of a module's weights: the identity of a reference tower."""
+    import hashlib
+
     digest = hashlib.sha256()
     hash_module(digest, module)
     return digest.hexdigest()
@@ -145,6 +152,8 @@ def save_bundle(model, folder: str | Path, metadata: dict[str, Any] | None = Non
         for name in reference_towers:
             towers[name]["reference"] = _drop_reference_weights(state, model, name)
         save_file(state, str(staging / WEIGHTS), metadata={"format": FORMAT})
+        from .config import to_dict
+
         model_json = {"config": to_dict(model.config), "towers": towers}
         (staging / MODEL_JSON).write_text(json.dumps(model_json, indent=2))
         files = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
@@ -185,6 +194,8 @@ def _fingerprint(weights_sha256: str, towers: dict[str, Any]) -> str:
     references = [towers[name]["reference"]["weights_sha256"] for name in TOWERS if "reference" in towers[name]]
     if not references:
         return weights_sha256[:32]
+    import hashlib
+
     return hashlib.sha256("\n".join([weights_sha256, *references]).encode()).hexdigest()[:32]
 
 

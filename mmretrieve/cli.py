@@ -659,7 +659,6 @@ def index(path, model_ref, index_dir, include, exclude, index_type, memory_budge
 def search(queries, images, k, min_score, index_dir, search_texts, model_ref, runtime, device, as_json, paths_only,
            null_ends, query_text, fusion, weights, fusion_bundle):
     """Search an index by text (QUERY, or - to read queries from stdin), by --image, or by both (--image with --text)."""
-    from .api import default_index_dir
     from .index.search import IndexReader
 
     queries = list(queries)
@@ -675,8 +674,13 @@ def search(queries, images, k, min_score, index_dir, search_texts, model_ref, ru
     paths_only = paths_only or null_ends
     if as_json and paths_only:
         raise click.UsageError("give one of --json and --paths (or -0)")
-    folder = Path(index_dir) if index_dir else default_index_dir("text" if search_texts else "image")
-    reader = IndexReader(folder, model=model_ref, runtime=runtime, device=device)
+    if index_dir:
+        folder = Path(index_dir)
+    else:  # the library API (index/images under $MMRETRIEVE_INDEX_ROOT) only when no folder is given
+        from .api import default_index_dir
+
+        folder = default_index_dir("text" if search_texts else "image")
+    reader = IndexReader(folder, model=model_ref, runtime=runtime, device=device, mmap=True)  # one query, then exit
     if multimodal:
         results = [reader.search_fused(images[0], query_text, k, fusion or "mean", weights, fusion_bundle, min_score)]
         labels = [f"{images[0]} + {query_text}"]

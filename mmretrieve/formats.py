@@ -4,7 +4,6 @@ manifest (model bundles, ONNX exports, fusion bundles, index folders, vector ind
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,8 @@ from .errors import InputError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib  # here: OpenSSL's start-up is a cost every command paid, a search hashes nothing
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

@@ -6,29 +6,46 @@ identical inputs and the ONNX path never needs PyTorch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .errors import ConfigError
-from .images import load_image
 
-_PIL_INTERPOLATION = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Pillow (and mmretrieve.images) are imported with the first image, not with this module: a
+# text query builds both preprocessors but never decodes an image.
 # The full resize-then-crop runs while it makes at most this many times the output's pixels.
 BOUNDED_ABOVE = 4
 RESIZE_MODES = ("crop", "squash")
 CROP_OFFSETS = ("round", "floor")
 PADDING_MODES = ("longest", "max_length")
+
+
+@functools.cache
+def _pil_interpolation() -> dict:
+    """Pillow's resampling filter for each ``interpolation`` name."""
+    from PIL import Image
+
+    return {
+        "bicubic": Image.Resampling.BICUBIC,
+        "bilinear": Image.Resampling.BILINEAR,
+        "nearest": Image.Resampling.NEAREST,
+        "lanczos": Image.Resampling.LANCZOS,
+    }
+
+
+def __getattr__(name: str):
+    if name == "_PIL_INTERPOLATION":  # the table under its former module-level name
+        return _pil_interpolation()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -85,7 +102,7 @@ class ImagePreprocessor:
         """
         size = self.config.size
         if self.config.resize == "squash":  # the aspect ratio is not kept; nothing is cut away
-            return np.asarray(image.resize((size, size), _PIL_INTERPOLATION[self.config.interpolation]),
+            return np.asarray(image.resize((size, size), _pil_interpolation()[self.config.interpolation]),
                               dtype=np.uint8)
         scale = math.floor(size / self.config.crop_pct)
         width, height = image.size
@@ -98,7 +115,7 @@ class ImagePreprocessor:
             left, top = (new_w - size) // 2, (new_h - size) // 2
         else:
             left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-        resample = _PIL_INTERPOLATION[self.config.interpolation]
+        resample = _pil_interpolation()[self.config.interpolation]
         if new_w * new_h <= BOUNDED_ABOVE * size * size:
             # Every ordinary photo (up to 3:1 at 224/0.875): bit-identical to timm's transform.
             image = image.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
@@ -136,6 +153,8 @@ class ImagePreprocessor:
 
     def uint8_batch(self, items: Sequence) -> np.ndarray:
         """(n, size, size, 3) uint8 of images or paths: ``resize_crop`` of each."""
+        from .images import load_image
+
         return np.stack([self.resize_crop(load_image(item)) for item in items])
 
     def save(self, folder: Path) -> None:

@@ -7,7 +7,6 @@ an unknown name raises an error that lists the closest registered names. Source 
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Generic, Iterator, TypeVar
 
@@ -71,6 +70,8 @@ class Registry(Generic[S]):
         return spec
 
     def unknown_message(self, name: str) -> str:
+        import difflib  # here: only a name that is not registered needs it
+
         candidates = list(self._specs) + list(self._aliases)
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -319,6 +319,34 @@ def test_search_process_with_the_onnx_runtime_never_imports_torch(bundle, export
         assert len(json.loads(result.stdout)) == 2
 
 
+# What a text query on a flat index never needs: decoding images, the other index kinds, the index
+# builder, a scan of the installed distributions (the entry points are cached), torch.
+NOT_FOR_A_TEXT_QUERY = ("PIL", "mmretrieve.images", "mmretrieve.index.hnsw", "mmretrieve.index.ivfpq",
+                        "mmretrieve.index.choose", "mmretrieve.progress", "mmretrieve.index.builder",
+                        "multiprocessing", "mmretrieve.config", "importlib.metadata", "torch")
+
+
+def test_a_text_search_process_loads_only_what_a_text_query_needs(exported, photos, tmp_path):
+    """A fresh `mmretrieve search QUERY` starts sooner for what it does not import (issue 17 item 6)."""
+    index_images(photos, tmp_path / "idx", OnnxEmbedder(exported, device="cpu"), index_type="flat", workers=0,
+                 progress=False)
+    code = ("import sys; from mmretrieve.cli import main; sys.argv = ['mmretrieve', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+            f"print('LOADED', [m for m in {NOT_FOR_A_TEXT_QUERY!r} if m in sys.modules], file=sys.stderr)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "MMRETRIEVE_PLUGIN_CACHE": "1"}
+
+    def search(*query):
+        result = subprocess.run([sys.executable, "-c", code, "search", *map(str, query), "--index-dir", tmp_path / "idx",
+                                 "--model", exported, "--json", "-k", "2"], capture_output=True, text=True,
+                                timeout=120, env=env)
+        assert result.returncode == 0 and len(json.loads(result.stdout)) == 2, result.stderr
+        return result.stderr.split("LOADED ", 1)[1].strip()
+
+    search("a red dog")  # the first command of this cache folder scans the distributions and remembers them
+    assert search("a red dog") == "[]"
+    assert search("--image", photos / "photo1.png") == "['PIL', 'mmretrieve.images']"  # an image query decodes
+
+
 def test_export_command_writes_a_folder_and_prints_parity(bundle, tmp_path):
     result = run_cli("export", "--model", bundle, "--out", tmp_path / "export", "--opset", 17)
     assert result.exit_code == 0, result.output

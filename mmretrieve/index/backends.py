@@ -18,13 +18,24 @@ import numpy as np
 from ..errors import InputError
 from ..specs import resolve_factory
 from .base import VectorIndex, read_meta
-from .choose import choose_index_type
-from .flat import FlatIndex
-from .hnsw import HNSWIndex
-from .ivfpq import IVFPQIndex, Shard
 
 __all__ = ["VectorIndex", "FlatIndex", "HNSWIndex", "IVFPQIndex", "create_index", "build_index", "load_index",
            "choose_index_type", "ArrayShard", "Shard"]
+
+# The kinds and ``auto`` are imported when first named: a search loads its index's kind only
+# (a flat index never imports the HNSW or IVF-PQ modules, nor the progress bar IVF-PQ trains with).
+_LAZY = {"FlatIndex": ".flat", "HNSWIndex": ".hnsw", "IVFPQIndex": ".ivfpq", "Shard": ".ivfpq",
+         "choose_index_type": ".choose"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __package__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _registry():

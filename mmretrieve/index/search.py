@@ -31,13 +31,20 @@ class Hit:
 
 
 class IndexReader:
-    """A read-only view of an index folder plus the model that built it."""
+    """A read-only view of an index folder plus the model that built it.
+
+    ``mmap``: map the published vectors read-only instead of reading them into memory. A one-shot
+    search (the CLI's) then starts sooner: on 7k 896-d flat vectors, loading took ~2 ms instead of
+    ~20 ms (allocating and copying 25 MB) and the first search was no slower. A long-lived reader
+    (``serve``, the library) keeps its own copy, so a file changed on disk cannot reach it.
+    """
 
     def __init__(self, index_dir: str | Path, model: str | None = None, runtime: str = "auto",
-                 device: str | None = None, embedder=None):
+                 device: str | None = None, embedder=None, mmap: bool = False):
         self.folder = Path(index_dir)
         self.manifest = read_manifest(self.folder)
         self._model, self._runtime, self._device = model, runtime, device
+        self._mmap = mmap
         self._embedder = embedder
         if embedder is not None:
             self._check_fingerprint(embedder)
@@ -100,7 +107,7 @@ class IndexReader:
                 if not folder.is_dir():
                     raise IndexDamagedError(f"{folder} is missing", f"the published generation's vectors ({where}) "
                                             f"are missing")
-                return load_index(folder), generation
+                return load_index(folder, mmap=self._mmap), generation
             except IndexDamagedError as exc:
                 # A writer that published a newer generation meanwhile deletes this one: look again.
                 if attempt < 2 and store.generation != generation:
