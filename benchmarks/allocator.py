@@ -1,4 +1,5 @@
-"""Torch image tower speed and memory with and without mmretrieve's allocator tuning (issue 17, item 3).
+"""Torch image tower speed and memory with and without mmretrieve's allocator tuning and folded batch
+norms (issue 17, item 3).
 
 Each variant runs in a fresh child process (the allocator's state is per process), in turn, for
 ``--rounds`` interleaved rounds: the torch runtime's image tower (``--model``, default `default`)
@@ -9,9 +10,11 @@ the child's peak resident memory (ru_maxrss), with the ratio to glibc's defaults
 
     python benchmarks/allocator.py [--model default] [--batches 6] [--rounds 3] [--quick]
 
-Variants: ``glibc defaults`` (MMRETRIEVE_MALLOC_TUNING=0), ``mallopt`` (what mmretrieve does when
-the torch runtime starts: mmretrieve/allocator.py) and ``env vars`` (the MALLOC_*_ variables the
-issue measured with, set for the child; mmretrieve then leaves them alone).
+Variants: ``glibc defaults`` (MMRETRIEVE_MALLOC_TUNING=0, norms not folded: the tower as the
+issue measured it), ``mallopt`` (mmretrieve/allocator.py, norms not folded), ``mallopt + folded
+norms`` (what the torch runtime does: batch norms folded into the convolutions,
+``torch_runtime.fold_batch_norms``) and ``env vars`` (the MALLOC_*_ variables the issue measured
+with, set for the child, norms not folded; mmretrieve then leaves them alone).
 """
 
 from __future__ import annotations
@@ -25,21 +28,23 @@ import subprocess
 import sys
 import time
 
+# name -> (environment for the child, whether it folds the batch norms)
 VARIANTS = {
-    "glibc defaults": {"MMRETRIEVE_MALLOC_TUNING": "0"},
-    "mallopt": {},
-    "env vars": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-                 "MALLOC_TOP_PAD_": str(64 << 20)},
+    "glibc defaults": ({"MMRETRIEVE_MALLOC_TUNING": "0"}, False),
+    "mallopt": ({}, False),
+    "mallopt + folded norms": ({}, True),
+    "env vars": ({"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+                  "MALLOC_TOP_PAD_": str(64 << 20)}, False),
 }
 
 
-def child(model: str, batches: int, batch: int) -> None:
+def child(model: str, batches: int, batch: int, fold: bool) -> None:
     import numpy as np
 
     from mmretrieve.runtime.torch_runtime import TorchEmbedder
     from mmretrieve.allocator import tune_allocator
 
-    embedder = TorchEmbedder(model, device="cpu")
+    embedder = TorchEmbedder(model, device="cpu", fold_norms=fold)
     from PIL import Image
 
     noise = np.random.default_rng(0).integers(0, 256, (batch, 320, 400, 3), dtype=np.uint8)
@@ -64,22 +69,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="3 batches, 2 rounds (about a minute)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fold", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.batches, args.rounds = 3, 2
     if args.child:
-        child(args.model, args.batches, 32)
+        child(args.model, args.batches, 32, args.fold)
         return
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     print("| round | variant | img/s | img per CPU s | minor faults/img | user s | sys s | peak RSS MB |\n"
           "|---:|---|---:|---:|---:|---:|---:|---:|")
     for round_ in range(1, args.rounds + 1):
-        for name, extra in VARIANTS.items():
+        for name, (extra, fold) in VARIANTS.items():
             env = {k: v for k, v in os.environ.items() if k != "MMRETRIEVE_MALLOC_TUNING" and not k.startswith("MALLOC_")}
             env.update(extra)
             done = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--batches",
-                                   str(args.batches)], env=env, capture_output=True, text=True)
+                                   str(args.batches)] + (["--fold"] if fold else []), env=env, capture_output=True,
+                                  text=True)
             if done.returncode != 0:
                 sys.exit(f"{name} failed:\n{done.stderr}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
