@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ ENV_STRICT = "MMRETRIEVE_STRICT_PLUGINS"
 # "0" finds entry points by scanning the installed distributions every time, without the cache file.
 ENV_CACHE = "MMRETRIEVE_PLUGIN_CACHE"
 CACHE_FILE = "entry-points.json"
-CACHE_KEYS = 8  # search paths remembered (`python -m` puts the working folder on sys.path)
+CACHE_FOLDERS = 64  # sys.path folders remembered (across every search path used lately)
 
 BUILTIN_PLUGINS = (
     "mmretrieve.default_plugins.encoders",
@@ -244,15 +245,32 @@ class FoundEntryPoint:
                 "version": self.version, "metadata_file": self.metadata_file}
 
 
+def _found(ep, dist) -> FoundEntryPoint:
+    folder = getattr(dist, "_path", None)  # PathDistribution's metadata folder, when it has one
+    return FoundEntryPoint(ep.name, ep.value, getattr(dist, "name", None), getattr(dist, "version", None),
+                           str(Path(folder) / "entry_points.txt") if folder is not None else None)
+
+
 def _scan_entry_points() -> list[FoundEntryPoint]:
+    """Every installed distribution's ``mmretrieve`` entry points (importlib.metadata's own search)."""
     from importlib import metadata
 
-    found = []
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(ep, "dist", None)
-        folder = getattr(dist, "_path", None)  # PathDistribution's metadata folder, when it has one
-        found.append(FoundEntryPoint(ep.name, ep.value, getattr(dist, "name", None), getattr(dist, "version", None),
-                                     str(Path(folder) / "entry_points.txt") if folder is not None else None))
+    return [_found(ep, getattr(ep, "dist", None)) for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
+
+
+def _scan_folder(folder: str) -> list[FoundEntryPoint]:
+    """The ``mmretrieve`` entry points of the distributions installed in one sys.path folder, the
+    first of each name (as importlib.metadata keeps the first on the whole path)."""
+    from importlib import metadata
+
+    found, names = [], set()
+    for dist in metadata.distributions(path=[folder]):
+        folder_name = os.path.basename(str(getattr(dist, "_path", "")))
+        name = _dist_key(folder_name) if folder_name else _dist_key("", dist.name or "")  # METADATA read only then
+        if name in names:
+            continue
+        names.add(name)
+        found += [_found(ep, dist) for ep in dist.entry_points.select(group=ENTRY_POINT_GROUP)]
     return found
 
 
@@ -268,51 +286,89 @@ def _mtime(path: str) -> int | None:
         return None
 
 
-def _search_path_key() -> list:
-    """What decides which distributions importlib.metadata finds: the interpreter and every
-    sys.path entry with its modification time (installing, upgrading or removing a
-    distribution adds or removes a folder there, which changes the time)."""
-    key: list = [sys.version, sys.prefix, _own_version()]
-    for entry in sys.path:
-        mtime = _mtime(entry or os.curdir)
-        # A folder by its absolute path ('' is the working folder); a path hook's name as it is.
-        key.append([os.path.abspath(entry or os.curdir) if mtime is not None else entry, mtime])
-    return key
+_METADATA_SUFFIXES = (".dist-info", ".egg-info")  # what importlib.metadata looks for in a folder
+
+
+def _dist_key(stem: str, name: str = "") -> str:
+    """A distribution's identity as importlib.metadata deduplicates it: the name in its metadata
+    folder's name ("My.Pkg-1.0.dist-info" -> "my_pkg"), else its Name."""
+    base, ext = os.path.splitext(stem)
+    if ext.lower() in _METADATA_SUFFIXES:
+        name = base.partition("-")[0]
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _installed(folder: str) -> list[list] | None:
+    """The distributions' metadata folders in ``folder`` with their times, sorted: what an install,
+    upgrade or removal there changes (the folder's own time also changes with any other file)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted([entry.name, entry.stat().st_mtime_ns] for entry in entries
+                          if entry.name.lower().endswith(_METADATA_SUFFIXES))
+    except OSError:
+        return None
+
+
+def _current(record: Any, mtime: int | None, folder: str) -> bool:
+    """Whether a folder's cached record still holds: the folder unchanged (same time, or the same
+    distributions in it) and each entry_points.txt it lists unchanged."""
+    try:
+        # Another file changed there (a working folder): still good, and not rewritten for that
+        if record["mtime"] != mtime and (mtime is None or record["installed"] != _installed(folder)):
+            return False
+        return all(row["metadata_file"] is None or _mtime(row["metadata_file"]) == row["mtime"]
+                   for row in record["entry_points"])
+    except (KeyError, TypeError):
+        return False
 
 
 def discover_entry_points() -> list[FoundEntryPoint]:
-    """The ``mmretrieve`` entry points, remembered in ``cache_dir()/entry-points.json`` for this
-    search path (``_search_path_key``) and found again by a scan when the key or a listed
-    distribution's entry_points.txt changed. Scanning every installed distribution cost ~45 ms of
-    each command's start; the check costs a stat per sys.path entry. MMRETRIEVE_PLUGIN_CACHE=0
-    turns it off; a cache that cannot be read or written is ignored."""
+    """The ``mmretrieve`` entry points, remembered per sys.path folder in
+    ``cache_dir()/entry-points.json`` and found again in a folder by a scan when the distributions
+    in it or a listed entry_points.txt changed. Scanning every installed distribution cost ~45 ms of
+    each command's start; the check costs a stat per sys.path entry (a listing of a folder whose
+    time changed). Per folder, so a working folder that changes (``python -m`` puts it on sys.path)
+    or processes with other search paths do not void each other's entries.
+    MMRETRIEVE_PLUGIN_CACHE=0 turns it off; a cache that cannot be read or written is ignored."""
     if os.environ.get(ENV_CACHE, "") == "0":
         return _scan_entry_points()
-    path, key = cache_dir() / CACHE_FILE, _search_path_key()
+    path = cache_dir() / CACHE_FILE
     try:
-        entries = json.loads(path.read_text(encoding="utf-8")).get("entries", [])
-        entries = [entry for entry in entries if isinstance(entry, dict) and "key" in entry]
-    except (OSError, ValueError, AttributeError):
-        entries = []
-    for entry in entries:
-        if entry["key"] != key:
+        folders = json.loads(path.read_text(encoding="utf-8"))["folders"]
+        folders = {key: value for key, value in folders.items() if isinstance(value, dict)}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        folders = {}
+    found: list[FoundEntryPoint] = []
+    seen: set[str] = set()  # distributions met on an earlier folder: importlib.metadata keeps the first
+    used: dict[str, Any] = {}
+    stale = False
+    for entry in sys.path:
+        mtime = _mtime(entry or os.curdir)
+        # A folder by its absolute path ('' is the working folder); a path hook's name as it is.
+        folder = os.path.abspath(entry or os.curdir) if mtime is not None else entry
+        if folder in used:
             continue
+        record = folders.get(folder)
+        if not _current(record, mtime, folder):
+            rows = [{**ep.as_dict(), "mtime": _mtime(ep.metadata_file) if ep.metadata_file else None}
+                    for ep in (_scan_folder(folder) if mtime is not None else [])]
+            record = {"mtime": mtime, "installed": _installed(folder) if mtime is not None else None,
+                      "entry_points": rows}
+            stale = True
+        used[folder] = record
+        for row in record["entry_points"]:
+            key = _dist_key(os.path.basename(os.path.dirname(row["metadata_file"] or "")), row["distribution"] or "")
+            if key not in seen:
+                found.append(FoundEntryPoint(row["name"], row["value"], row["distribution"], row["version"],
+                                             row["metadata_file"]))
+        seen.update(_dist_key(name) for name, _ in record["installed"] or [])
+    if stale:
+        kept = {**used, **{key: value for key, value in folders.items() if key not in used}}
         try:
-            rows = entry["entry_points"]
-            if all(row["metadata_file"] is None or _mtime(row["metadata_file"]) == row["mtime"] for row in rows):
-                return [FoundEntryPoint(row["name"], row["value"], row["distribution"], row["version"],
-                                        row["metadata_file"]) for row in rows]
-        except (KeyError, TypeError):
-            pass
-        break
-    found = _scan_entry_points()
-    rows = [{**ep.as_dict(), "mtime": _mtime(ep.metadata_file) if ep.metadata_file else None} for ep in found]
-    entries = [{"key": key, "entry_points": rows}] + [entry for entry in entries if entry["key"] != key]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, json.dumps({"entries": entries[:CACHE_KEYS]}).encode("utf-8"))
-    except OSError as exc:  # a read-only home: discovery still works, only slower
-        log.debug("entry-point cache not written: %s", exc)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, json.dumps({"folders": dict(list(kept.items())[:CACHE_FOLDERS])}).encode("utf-8"))
+        except OSError as exc:  # a read-only home: discovery still works, only slower
+            log.debug("entry-point cache not written: %s", exc)
     return found
 
 

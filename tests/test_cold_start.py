@@ -29,26 +29,36 @@ def cache_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def scans(monkeypatch, tmp_path):
-    """Count full scans; each finds one plugin whose entry_points.txt lives in tmp_path."""
-    counted = []
-    entry_file = tmp_path / "entry_points.txt"
+    """Record the folders scanned; the plugin "good" is installed in a folder of its own, first on sys.path."""
+    home = tmp_path / "home"
+    entry_file = home / "good_dist-1.2.dist-info" / "entry_points.txt"
+    entry_file.parent.mkdir(parents=True)
     entry_file.write_text("[mmretrieve]\ngood = plugin_fixtures\n")
+    monkeypatch.syspath_prepend(str(home))
+    scanned = []
+    good = plugins.FoundEntryPoint("good", "plugin_fixtures", "good-dist", "1.2", str(entry_file))
 
-    def scan():
-        counted.append(1)
-        return [plugins.FoundEntryPoint("good", "plugin_fixtures", "good-dist", "1.2", str(entry_file))]
+    def scan_folder(folder):
+        scanned.append(folder)
+        return [good] if folder == str(home) else []
 
-    monkeypatch.setattr(plugins, "_scan_entry_points", scan)
-    return counted, entry_file
+    def scan_all():
+        scanned.append("every distribution")
+        return [good]
+
+    monkeypatch.setattr(plugins, "_scan_folder", scan_folder)
+    monkeypatch.setattr(plugins, "_scan_entry_points", scan_all)
+    return scanned, entry_file, home
 
 
 def test_entry_points_are_found_once_and_then_read_from_the_cache(cache_home, scans):
-    counted, _ = scans
+    scanned, _, home = scans
     first = plugins.discover_entry_points()
-    assert len(counted) == 1 and cache_home.is_file()
+    assert str(home) in scanned and cache_home.is_file()
+    scanned.clear()
     again = plugins.discover_entry_points()
-    assert len(counted) == 1  # no scan: the cache answered
-    assert again == first
+    assert scanned == []  # no scan: the cache answered
+    assert again == first and [e.name for e in again] == ["good"]
     assert again[0].load() is __import__("plugin_fixtures")
     host = plugins.PluginHost()
     host.load_entry_points(cached=True)
@@ -56,36 +66,63 @@ def test_entry_points_are_found_once_and_then_read_from_the_cache(cache_home, sc
 
 
 def test_the_cache_is_voided_by_an_install_or_a_changed_entry_point_file(cache_home, scans, tmp_path, monkeypatch):
-    counted, entry_file = scans
+    scanned, entry_file, home = scans
     plugins.discover_entry_points()
     site = tmp_path / "site"
     site.mkdir()
-    monkeypatch.syspath_prepend(str(site))  # a new search path entry
+    monkeypatch.syspath_prepend(str(site))  # a new search path entry: only it is scanned
+    scanned.clear()
     plugins.discover_entry_points()
-    assert len(counted) == 2
-    (site / "new_dist-1.0.dist-info").mkdir()  # an install changes the folder's time
+    assert scanned == [str(site)]
+    (site / "notes.txt").write_text("a working folder changes all the time")
     os.utime(site, ns=(1, 1))
+    scanned.clear()
     plugins.discover_entry_points()
-    assert len(counted) == 3
+    assert scanned == []  # the same distributions there: nothing to scan
+    (site / "new_dist-1.0.dist-info").mkdir()  # an install
+    os.utime(site, ns=(2, 2))
     plugins.discover_entry_points()
-    assert len(counted) == 3
+    assert scanned == [str(site)]
+    plugins.discover_entry_points()
+    assert scanned == [str(site)]
     entry_file.write_text("[mmretrieve]\ngood = plugin_fixtures\nother = x\n")
     os.utime(entry_file, ns=(5, 5))
     plugins.discover_entry_points()
-    assert len(counted) == 4
+    assert scanned == [str(site), str(home)]
 
 
 def test_a_damaged_or_disabled_cache_only_costs_a_scan(cache_home, scans, monkeypatch):
-    counted, _ = scans
+    scanned, _, home = scans
     cache_home.parent.mkdir(parents=True)
-    for damage in ("not json", json.dumps([1, 2]), json.dumps({"entries": [{"key": 1, "entry_points": 3}]})):
+    for damage in ("not json", json.dumps([1, 2]), json.dumps({"folders": {str(home): {"mtime": 1}}}),
+                   json.dumps({"folders": {str(home): {"mtime": None, "installed": 3, "entry_points": 3}}})):
         cache_home.write_text(damage)
-        assert [e.name for e in plugins.discover_entry_points()] == ["good"]
+        scanned.clear()
+        assert [e.name for e in plugins.discover_entry_points()] == ["good"] and str(home) in scanned
     monkeypatch.setenv(plugins.ENV_CACHE, "0")
-    before = len(counted)
+    scanned.clear()
     plugins.discover_entry_points()
     plugins.discover_entry_points()
-    assert len(counted) == before + 2
+    assert scanned == ["every distribution"] * 2
+
+
+def test_cached_entry_points_are_the_ones_importlib_metadata_finds(cache_home, tmp_path, monkeypatch):
+    """The first folder on sys.path that holds a distribution decides its entry points, as in importlib.metadata."""
+    for folder, names in (("first", ["early"]), ("second", ["late", "other"])):
+        info = tmp_path / folder / "Good.Dist-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: Good.Dist\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text("[mmretrieve]\n" + "".join(f"{n} = plugin_fixtures\n" for n in names))
+    monkeypatch.syspath_prepend(str(tmp_path / "second"))
+    monkeypatch.syspath_prepend(str(tmp_path / "first"))
+
+    def found():
+        return sorted((e.name, e.value, e.distribution, e.version, e.metadata_file)
+                      for e in plugins.discover_entry_points())
+
+    expected = sorted((e.name, e.value, e.distribution, e.version, e.metadata_file) for e in plugins._scan_entry_points())
+    assert found() == expected and found() == expected  # scanned folder by folder, then read from the cache
+    assert "early" in {row[0] for row in expected} and not {"late", "other"} & {row[0] for row in expected}
 
 
 def test_a_search_imports_neither_the_index_builder_nor_multiprocessing(tmp_path):
