@@ -108,3 +108,38 @@ def test_bert_and_timm_local_paths_under_home_are_found(tiny_bert_dir, image_enc
 def test_timm_missing_weights_file_is_one_sentence(tmp_path):
     with pytest.raises(InputError, match="no weights file"):
         create_encoder(f"timm:{TINY_TIMM}", pretrained=False, weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_bert_training_batches_run_by_length_with_the_same_vectors_and_gradients(tiny_bert_dir, pooling):
+    # Training splits a padded batch into runs of similar length (TRAINING_RUN captions, each cut
+    # to its longest): it must change the cost only, never what the tower computes or learns.
+    import copy
+
+    from mmretrieve.encoders import bert as bert_module
+
+    encoder = create_encoder("bert", model_name=str(tiny_bert_dir), max_length=16, pooling=pooling)
+    tower = copy.deepcopy(encoder.module).train()
+    for module in tower.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    words = "a dog runs across the green grass while two children watch from the old wooden fence".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(words[: int(n)]) for n in rng.integers(1, len(words) + 1, size=3 * bert_module.TRAINING_RUN + 5)]
+    inputs = {k: torch.from_numpy(v) for k, v in encoder.preprocess(texts).items()}
+    assert inputs["attention_mask"].sum(1).min() < inputs["attention_mask"].shape[1]  # padding to cut
+
+    def run(split: bool):
+        tower.zero_grad()
+        out = tower(**inputs) if split else tower._forward(**inputs)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        return out.detach(), [p.grad.clone() for p in tower.parameters() if p.grad is not None]
+
+    split_out, split_grads = run(True)
+    whole_out, whole_grads = run(False)
+    torch.testing.assert_close(split_out, whole_out, atol=1e-5, rtol=1e-4)
+    assert len(split_grads) == len(whole_grads) > 0
+    for a, b in zip(split_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    tower.eval()  # inference and export keep one batch, one graph
+    torch.testing.assert_close(tower(**inputs), whole_out, atol=1e-5, rtol=1e-4)

@@ -20,6 +20,11 @@ from .hub import load_from_hub
 POOLINGS = ("mean", "cls")
 
 
+# Captions per run when a training batch is split by length. A random batch of 128 Flickr8k
+# captions pads to ~28 tokens where they average 14; four sorted runs of 32 pad to ~17 on average.
+TRAINING_RUN = 32
+
+
 class TextTower(nn.Module):
     """Transformer plus pooling: (input_ids, attention_mask) -> (batch, hidden)."""
 
@@ -29,12 +34,34 @@ class TextTower(nn.Module):
         self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.training and input_ids.shape[0] > TRAINING_RUN and not _tracing():
+            return self._forward_in_runs(input_ids, attention_mask)
+        return self._forward(input_ids, attention_mask)
+
+    def _forward_in_runs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The same pooled vectors, computed in runs of similar length, each cut to its longest text:
+        padding is masked out of attention and pooling, so it only costs time (right padding)."""
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        pooled = []
+        for run in order.split(TRAINING_RUN):
+            width = max(int(lengths[run].max()), 1)
+            pooled.append(self._forward(input_ids[run, :width], attention_mask[run, :width]))
+        return torch.cat(pooled)[torch.argsort(order)]
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-6)
+
+
+def _tracing() -> bool:
+    """An export traces one graph for every batch: no data-dependent runs there."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or \
+        torch.compiler.is_compiling()
 
 
 def _fast_tokenizer(model_name: str):
