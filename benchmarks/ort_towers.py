@@ -6,6 +6,7 @@ Variants run interleaved, round after round, on one export (``--export``, fp32):
     padded     one run per 32, padded to the longest caption (onnxruntime defaults)
     policy     what mmretrieve runs: its session options (mmretrieve.threads: spinning off) and
                runs of 8 captions of similar length (mmretrieve.runtime.embed_by_length)
+    spinning   runs of 8 by length in onnxruntime's default session (threads spin-wait)
     +denormal  policy with session.set_denormal_as_zero=1
     int8       the int8 text graph (`mmretrieve export --int8`'s quantize_int8), policy settings
   image, batch 32 and batch 1 of 224 px inputs:
@@ -16,11 +17,15 @@ Variants run interleaved, round after round, on one export (``--export``, fp32):
     int8       the image graph quantised as int8 exports did before (MatMul: its head)
     int8 QDQ   static QDQ int8 (quantize_static, per-channel, calibrated on --calibration images),
                with --static
+  --compare OTHER: the same inputs through another export's graphs (policy settings), e.g. one
+  made by an earlier commit, to tell a change of graph from a change of machine or load.
+  matmul: onnxruntime's own fp32 MatMul (1024 x 1024 x 1024) in the same rounds, in GFLOP/s.
 Rates are items/s (median of rounds); "% of limit" uses the issue's compute limits (1,500
 captions/s, 600 img/s at batch 32 on 2 cores: ~460 GFLOP/s onnxruntime matmul peak, 0.307
-GFLOP per caption, 0.769 GFLOP per image) scaled by cores / 2.
+GFLOP per caption, 0.769 GFLOP per image) scaled by cores / 2; "% of matmul now" uses the
+same FLOPs per item against the MatMul peak measured in these rounds, so it holds under load.
 
-    python benchmarks/ort_towers.py --export EXPORT [--rounds 5] [--quick] [--static]
+    python benchmarks/ort_towers.py --export EXPORT [--rounds 5] [--quick] [--static] [--compare OTHER]
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/flickr8k-dev"
 LIMITS = {"text": 1500.0, "image": 600.0}  # items/s on 2 cores at batch 32 (issue 17)
+GFLOP = {"text": 0.307, "image": 0.769}  # per 15-token caption, per 224 px image (torch's FLOP counter)
+MATMUL = 1024  # square MatMul for the peak
 
 
 def options(ort, policy: bool, level: str = "all", denormal: bool = False):
@@ -78,6 +85,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 s")
     parser.add_argument("--static", action="store_true", help="also static QDQ int8 for the image tower")
     parser.add_argument("--calibration", type=Path, default=DATA / "images", help="images for --static")
+    parser.add_argument("--compare", type=Path, help="another export whose graphs run beside these")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 2, 1.0
@@ -129,7 +137,16 @@ def main() -> None:
         ("text", 32, "policy + by length + denormal=0"): text_runner(
             session(graphs["text"], policy=True, denormal=True), True),
         ("text", 32, "int8, policy + by length"): text_runner(session(work / "text-int8.onnx", policy=True), True),
+        ("text", 32, "by length, spinning (defaults' session)"): text_runner(session(graphs["text"], policy=False),
+                                                                              True),
     }
+    other = read_export_info(args.compare) if args.compare else None
+    if other is not None:
+        other_text = other.graph("text")
+        sess = session(args.compare / other_text["file"], policy=True)
+        variants[("text", 32, f"--compare {args.compare.name}: policy + by length")] = (
+            lambda s: lambda: embed_by_length(feeds, lambda part: s.run([other_text["output"]], part)[0],
+                                              other.embed_dim, 8))(sess)
     text_one = {k: v[:1, :] for k, v in feeds.items()}
     for name, path in (("fp32", graphs["text"]), ("int8", work / "text-int8.onnx")):
         sess = session(path, policy=True)
@@ -146,6 +163,15 @@ def main() -> None:
         for name, sess in image_sessions.items():
             variants[("image", batch, name)] = (lambda s, b: lambda: s.run([image_out], {image_input: pixels[b]}))(
                 sess, batch)
+        if other is not None:
+            graph = other.graph("image")
+            other_pixels = raw[:batch] if input_dtype(graph) == "uint8" else preprocessor.normalize(raw[:batch])
+            variants[("image", batch, f"--compare {args.compare.name}: policy")] = (
+                lambda s, g, x: lambda: s.run([g["output"]], {g["inputs"][0]: x}))(
+                session(args.compare / graph["file"], policy=True), graph, other_pixels)
+    square = np.random.default_rng(1).standard_normal((MATMUL, MATMUL)).astype(np.float32)
+    matmul = session(matmul_graph(work), policy=True)
+    variants[("matmul", 1, "onnxruntime MatMul peak")] = lambda: matmul.run(None, {"a": square, "b": square})
 
     rates: dict[tuple, list[float]] = {key: [] for key in variants}
     for round_ in range(1, args.rounds + 1):
@@ -153,19 +179,35 @@ def main() -> None:
             rates[key].append(rate(run, key[1], args.seconds))
         print(f"round {round_}/{args.rounds} done", file=sys.stderr)
     cores = os.cpu_count() or 2
-    print(f"| tower | batch | variant | items/s (median of {args.rounds}) | vs first | % of compute limit |\n"
-          f"|---|---:|---|---:|---:|---:|")
+    peak = statistics.median(rates.pop(("matmul", 1, "onnxruntime MatMul peak"))) * 2 * MATMUL ** 3 / 1e9
+    print(f"| tower | batch | variant | items/s (median of {args.rounds}) | vs first | % of compute limit | "
+          f"% of matmul now |\n|---|---:|---|---:|---:|---:|---:|")
     firsts: dict[tuple, float] = {}
     for (tower, batch, name), values in rates.items():
         median = statistics.median(values)
         first = firsts.setdefault((tower, batch), median)
         limit = LIMITS[tower] * cores / 2
-        share = f"{100 * median / limit:.0f}%" if batch == 32 else ""
+        share = f"{100 * median / limit:.0f}% | {100 * median * GFLOP[tower] / peak:.0f}%" if batch == 32 else " |"
         print(f"| {tower} | {batch} | {name} | {median:.1f} | {median / first:.2f}x | {share} |")
+    print(f"\nonnxruntime fp32 MatMul {MATMUL}^3 in the same rounds: {peak:.0f} GFLOP/s (the issue's quiet peak: "
+          f"435-479 on 2 cores)")
     shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
     print(f"\nload average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {cores} cores; onnxruntime {ort.__version__}")
+
+
+def matmul_graph(work: Path) -> Path:
+    """A graph of one fp32 MatMul of two inputs: onnxruntime's own compute peak on this machine."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [MATMUL, MATMUL]) for name in ("a", "b")]
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, [MATMUL, MATMUL])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", inputs, [output])
+    path = work / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
 
 
 def static_qdq(source: Path, work: Path, images: Path, export: Path, input_name: str, takes_uint8: bool) -> Path:
