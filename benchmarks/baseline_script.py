@@ -121,9 +121,9 @@ def search_mode(args) -> None:
         print(f"{rank:>2}  {score:.4f}  {path}")
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -226,7 +226,12 @@ def search_bench_mode(args) -> None:
     Warm: per-query medians, in-process, interleaved per round: the script's loop, mmretrieve's
     ``Index.search`` under its thread policy, and ``Index.search`` with the engines at their own
     defaults (onnxruntime threads spinning, faiss on every core: what mmretrieve did before the
-    policy). Cold: `mmretrieve search` and this script's ``search`` mode as fresh processes."""
+    policy). Cold: `mmretrieve search` (the command a user types) and this script's ``search`` mode as
+    fresh processes, with Python's bytecode cache on in a scratch folder as for an installed package,
+    and `mmretrieve search` once more compiling its modules at each start (no bytecode cache: what
+    PYTHONDONTWRITEBYTECODE does to an editable checkout; cold_start.py's docstring)."""
+    from cold_start import mmretrieve_command, with_bytecode, without_bytecode
+
     from mmretrieve import threads
     from mmretrieve.api import Index
 
@@ -272,23 +277,27 @@ def search_bench_mode(args) -> None:
             for name, run in sides.items():
                 warm[name].append(per_query_ms(run, QUERIES))
 
+        cold_rounds = max(args.rounds, 5)  # a process start varies more than a warm query: at least 5
+        environ = with_bytecode(dict(os.environ), work / "pycache")
+        search_command = [*mmretrieve_command(), "search", QUERIES[1], "--index-dir", str(args.index_dir),
+                          "--model", str(args.export)]
         cold_commands = {
-            "script": [sys.executable, str(Path(__file__).resolve()), "search", "--export", str(args.export),
-                       "--out", str(work), "--query", QUERIES[1]],
-            "mmretrieve": [sys.executable, "-m", "mmretrieve", "search", QUERIES[1], "--index-dir",
-                           str(args.index_dir), "--model", str(args.export)],
+            "script": ([sys.executable, str(Path(__file__).resolve()), "search", "--export", str(args.export),
+                        "--out", str(work), "--query", QUERIES[1]], environ),
+            "mmretrieve": (search_command, environ),
+            "mmretrieve, no bytecode cache": (search_command, without_bytecode(environ)),
         }
-        for command in cold_commands.values():
-            timed(command)  # file cache and entry-point cache warm, as for a user's second search
+        for command, env in cold_commands.values():
+            timed(command, env)  # file cache, bytecode and entry-point cache warm, as for a user's second search
         cold: dict[str, list[float]] = {name: [] for name in cold_commands}
-        for _ in range(args.rounds):
-            for name, command in cold_commands.items():
-                cold[name].append(timed(command))
+        for _ in range(cold_rounds):
+            for name, (command, env) in cold_commands.items():
+                cold[name].append(timed(command, env))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
     median = statistics.median
-    print(f"| what ({len(ids)} items; median of {args.rounds * 3} warm / {args.rounds} cold rounds, interleaved) "
+    print(f"| what ({len(ids)} items; median of {args.rounds * 3} warm / {cold_rounds} cold rounds, interleaved) "
           f"| time | vs script |\n|---|---:|---:|")
     for name, values in warm.items():
         print(f"| warm `search(q)`, {name} | {median(values):.2f} ms | "
@@ -300,6 +309,8 @@ def search_bench_mode(args) -> None:
                                           for name, values in warm.items()))
     print(f"cold rounds (s): " + "; ".join(f"{name}: {' '.join(f'{v:.3f}' for v in values)}"
                                          for name, values in cold.items()))
+    print(f"cold: {'the `mmretrieve` command' if len(mmretrieve_command()) == 1 else '`python -m mmretrieve`'}; "
+          f"PYTHONDONTWRITEBYTECODE in this shell: {os.environ.get('PYTHONDONTWRITEBYTECODE') or 'unset'}")
     print(f"load average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores")
 

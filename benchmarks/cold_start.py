@@ -1,7 +1,10 @@
 """Cold start: a fresh `mmretrieve search` process, and the torch runtime's first text vector (issue 17, item 6).
 
 Each round runs, in turn, as fresh processes timed from start to exit:
-  - `mmretrieve search QUERY --index-dir INDEX --model EXPORT` (the ONNX runtime), this tree;
+  - `mmretrieve search QUERY --index-dir INDEX --model EXPORT` (the ONNX runtime), this tree, run
+    as a user runs it: the ``mmretrieve`` command beside this Python (``python -m mmretrieve``
+    where there is none);
+  - the same with every module compiled from source at start (no bytecode cache);
   - the same with ``--before SRC`` (a folder holding an older ``mmretrieve`` package, e.g.
     ``git archive COMMIT mmretrieve | tar -x -C SRC``) first on PYTHONPATH;
   - benchmarks/baseline_script.py's ``search`` mode on the same vectors (the hand-written script);
@@ -10,7 +13,10 @@ Each round runs, in turn, as fresh processes timed from start to exit:
     whole bundle loaded first (``load_bundle``: what the runtime did before).
 It also sums `python -X importtime` over one `search` process per tree (modules imported, ms).
 One untimed run of each warms the file cache (and the entry-point cache), as for a user's
-second command. Prints every run, medians, ratios and the load average.
+second command. Python's bytecode cache is on for every process, in a scratch folder
+(PYTHONPYCACHEPREFIX), as for an installed package (pip compiles it): with PYTHONDONTWRITEBYTECODE
+set, as in some sandboxes, an editable checkout recompiles its ~50 modules at each start (tens of
+ms); the row "no bytecode cache" shows that cost. Prints every run, medians, ratios and the load average.
 
     python benchmarks/cold_start.py --export EXPORT --index-dir INDEX [--before SRC] [--rounds 5] [--quick]
 """
@@ -29,6 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 QUERY = "two children playing in the snow"
+NO_BYTECODE = "`search`, this tree, no bytecode cache"
 TORCH_TEXT = ("from mmretrieve.runtime.torch_runtime import TorchEmbedder\n"
               "TorchEmbedder({model!r}, device='cpu').embed_texts([{query!r}])")
 # What the torch runtime did before it built towers lazily: the whole bundle, then one text.
@@ -50,11 +57,29 @@ def run(command: list[str], env: dict[str, str]) -> float:
 
 def import_time(command: list[str], env: dict[str, str]) -> tuple[int, float]:
     """(modules imported, total ms of import time) of one process, from -X importtime."""
-    done = subprocess.run([command[0], "-X", "importtime", *command[1:]], env=env, capture_output=True, text=True,
+    done = subprocess.run(command, env={**env, "PYTHONPROFILEIMPORTTIME": "1"}, capture_output=True, text=True,
                           cwd=env["BENCH_CWD"])
     rows = [line.split("|") for line in done.stderr.splitlines() if line.startswith("import time:")][1:]
     top_level = [int(cumulative) for _, cumulative, name in rows if not name.startswith("  ")]
     return len(rows), sum(top_level) / 1000
+
+
+def with_bytecode(env: dict[str, str], cache: Path) -> dict[str, str]:
+    """``env`` with Python's bytecode cache on, kept in ``cache`` (not in the checkout)."""
+    env = {key: value for key, value in env.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPYCACHEPREFIX": str(cache)}
+
+
+def without_bytecode(env: dict[str, str]) -> dict[str, str]:
+    """``env`` compiling every module from source at start (PYTHONDONTWRITEBYTECODE, no cache folder)."""
+    env = {key: value for key, value in env.items() if key != "PYTHONPYCACHEPREFIX"}
+    return {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def mmretrieve_command() -> list[str]:
+    """The ``mmretrieve`` command a user types: the console script beside this Python, else ``-m``."""
+    script = Path(sys.executable).parent / "mmretrieve"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "mmretrieve"]
 
 
 def make_script_index(index_dir: Path, out: Path) -> None:
@@ -96,18 +121,22 @@ def main() -> None:
     os.environ["BENCH_CWD"] = str(work)
     try:
         make_script_index(args.index_dir, work)
+        cache = work / "pycache"
+        environ = with_bytecode(dict(os.environ), cache)
+        search = [*mmretrieve_command(), "search", QUERY, "--index-dir", str(args.index_dir), "--model",
+                  str(args.export)]
         commands: dict[str, tuple[list[str], dict[str, str]]] = {}
         for tree, path in trees.items():
-            env = {**os.environ, "PYTHONPATH": path}
-            commands[f"`search`, {tree}"] = ([python, "-m", "mmretrieve", "search", QUERY, "--index-dir",
-                                             str(args.index_dir), "--model", str(args.export)], env)
+            commands[f"`search`, {tree}"] = (search, {**environ, "PYTHONPATH": path})
+            if tree == "this tree":
+                commands[NO_BYTECODE] = (search, without_bytecode({**environ, "PYTHONPATH": path}))
         commands["`search`, hand-written script"] = ([python, str(HERE / "baseline_script.py"), "search", "--export",
                                                      str(args.export), "--out", str(work), "--query", QUERY],
-                                                    dict(os.environ))
+                                                    environ)
         commands["torch, one text query: text tower only (this tree)"] = (
-            [python, "-c", TORCH_TEXT.format(model=args.model, query=QUERY)], dict(os.environ))
+            [python, "-c", TORCH_TEXT.format(model=args.model, query=QUERY)], environ)
         commands["torch, one text query: both towers built (as before)"] = (
-            [python, "-c", TORCH_TEXT_BOTH.format(model=args.model, query=QUERY)], dict(os.environ))
+            [python, "-c", TORCH_TEXT_BOTH.format(model=args.model, query=QUERY)], environ)
         for command, env in commands.values():
             run(command, env)
         times: dict[str, list[float]] = {name: [] for name in commands}
@@ -136,6 +165,10 @@ def main() -> None:
     for tree, (count, ms) in imports.items():
         print(f"| {tree} | {count} | {ms:.0f} |")
     load_after = os.getloadavg()
+    runner = "the `mmretrieve` command" if len(mmretrieve_command()) == 1 else "`python -m mmretrieve`"
+    print(f"\n`search` runs {runner}; bytecode cached in a scratch "
+          f"PYTHONPYCACHEPREFIX except for \"no bytecode cache\" (PYTHONDONTWRITEBYTECODE in this shell: "
+          f"{os.environ.get('PYTHONDONTWRITEBYTECODE') or 'unset'})")
     print(f"\nload average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores")
 
