@@ -312,14 +312,20 @@ def _installed(folder: str) -> list[list] | None:
 def _current(record: Any, mtime: int | None, folder: str) -> bool:
     """Whether a folder's cached record still holds: the folder unchanged (same time, or the same
     distributions in it) and each entry_points.txt it lists unchanged."""
-    try:
-        # Another file changed there (a working folder): still good, and not rewritten for that
-        if record["mtime"] != mtime and (mtime is None or record["installed"] != _installed(folder)):
-            return False
-        return all(row["metadata_file"] is None or _mtime(row["metadata_file"]) == row["mtime"]
-                   for row in record["entry_points"])
-    except (KeyError, TypeError):
+    # Another file changed there (a working folder): still good, and not rewritten for that
+    if record["mtime"] != mtime and (mtime is None or record["installed"] != _installed(folder)):
         return False
+    return all(row["metadata_file"] is None or _mtime(row["metadata_file"]) == row["mtime"]
+               for row in record["entry_points"])
+
+
+def _read_record(record: dict[str, Any]) -> tuple[list[tuple[str, FoundEntryPoint]], set[str]]:
+    """A folder record's entry points, each with its distribution's key, and the keys of every
+    distribution installed there; raises LookupError, TypeError or ValueError if it is malformed."""
+    found = [(_dist_key(os.path.basename(os.path.dirname(row["metadata_file"] or "")), row["distribution"] or ""),
+              FoundEntryPoint(row["name"], row["value"], row["distribution"], row["version"], row["metadata_file"]))
+             for row in record["entry_points"]]
+    return found, {_dist_key(name) for name, _ in record["installed"] or []}
 
 
 def discover_entry_points() -> list[FoundEntryPoint]:
@@ -349,19 +355,20 @@ def discover_entry_points() -> list[FoundEntryPoint]:
         if folder in used:
             continue
         record = folders.get(folder)
-        if not _current(record, mtime, folder):
+        try:
+            if not _current(record, mtime, folder):
+                raise LookupError(folder)
+            entry_points, installed = _read_record(record)
+        except (LookupError, TypeError, ValueError, AttributeError):  # changed, new, or a damaged record
             rows = [{**ep.as_dict(), "mtime": _mtime(ep.metadata_file) if ep.metadata_file else None}
                     for ep in (_scan_folder(folder) if mtime is not None else [])]
             record = {"mtime": mtime, "installed": _installed(folder) if mtime is not None else None,
                       "entry_points": rows}
+            entry_points, installed = _read_record(record)
             stale = True
         used[folder] = record
-        for row in record["entry_points"]:
-            key = _dist_key(os.path.basename(os.path.dirname(row["metadata_file"] or "")), row["distribution"] or "")
-            if key not in seen:
-                found.append(FoundEntryPoint(row["name"], row["value"], row["distribution"], row["version"],
-                                             row["metadata_file"]))
-        seen.update(_dist_key(name) for name, _ in record["installed"] or [])
+        found += [ep for key, ep in entry_points if key not in seen]
+        seen.update(installed)
     if stale:
         kept = {**used, **{key: value for key, value in folders.items() if key not in used}}
         try:

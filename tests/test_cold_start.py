@@ -94,8 +94,11 @@ def test_the_cache_is_voided_by_an_install_or_a_changed_entry_point_file(cache_h
 def test_a_damaged_or_disabled_cache_only_costs_a_scan(cache_home, scans, monkeypatch):
     scanned, _, home = scans
     cache_home.parent.mkdir(parents=True)
+    now = os.stat(home).st_mtime_ns
     for damage in ("not json", json.dumps([1, 2]), json.dumps({"folders": {str(home): {"mtime": 1}}}),
-                   json.dumps({"folders": {str(home): {"mtime": None, "installed": 3, "entry_points": 3}}})):
+                   json.dumps({"folders": {str(home): {"mtime": now, "installed": 3, "entry_points": 3}}}),
+                   json.dumps({"folders": {str(home): {"mtime": now, "installed": [[1]],
+                                                       "entry_points": [{"metadata_file": None}]}}})):
         cache_home.write_text(damage)
         scanned.clear()
         assert [e.name for e in plugins.discover_entry_points()] == ["good"] and str(home) in scanned
