@@ -15,8 +15,8 @@ Variants run interleaved, round after round, on one export (``--export``, fp32):
     extended   ORT_ENABLE_EXTENDED: no NCHWc layout transformation
     +denormal  policy with session.set_denormal_as_zero=1
     int8       the image graph quantised as int8 exports did before (MatMul: its head)
-    int8 QDQ   static QDQ int8 (quantize_static, per-channel, calibrated on --calibration images),
-               with --static
+    int8 QDQ   static QDQ int8 on the convolutions, as `export --int8 --calibration` writes it
+               (calibrated on the first 64 --calibration images), with --static
   --compare OTHER: the same inputs through another export's graphs (policy settings), e.g. one
   made by an earlier commit, to tell a change of graph from a change of machine or load.
   matmul: onnxruntime's own fp32 MatMul (1024 x 1024 x 1024) in the same rounds, in GFLOP/s.
@@ -211,32 +211,23 @@ def matmul_graph(work: Path) -> Path:
 
 
 def static_qdq(source: Path, work: Path, images: Path, export: Path, input_name: str, takes_uint8: bool) -> Path:
-    """The image graph with static QDQ int8 (per-channel weights), calibrated on 32 images (MinMax
-    calibration keeps every intermediate output: about 5 GB of memory here)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    """The image graph as `export --int8 --calibration IMAGES` writes it (static QDQ int8 on the
+    convolutions: mmretrieve.export.precision.quantize_image_static), calibrated on the first
+    CALIBRATION_IMAGES of ``images``."""
+    from mmretrieve.export.precision import CALIBRATION_BATCH, CALIBRATION_IMAGES, quantize_image_static
+    from mmretrieve.images import list_images
     from mmretrieve.preprocess import ImagePreprocessor
 
     preprocessor = ImagePreprocessor.load(export / "image")
-    paths = sorted(images.iterdir())[:32]
+    paths = list_images(images)[:CALIBRATION_IMAGES]
 
     def prepare(batch):
         raw = preprocessor.uint8_batch(batch)
         return raw if takes_uint8 else preprocessor.normalize(raw)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{input_name: prepare(paths[i:i + 8])}
-                                 for i in range(0, len(paths), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    prepared, target = work / "image-prep.onnx", work / "image-qdq.onnx"
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    target = work / "image-qdq.onnx"
+    quantize_image_static(source, target, lambda: ({input_name: prepare(paths[i:i + CALIBRATION_BATCH])}
+                                                   for i in range(0, len(paths), CALIBRATION_BATCH)))
     return target
 
 

@@ -4,7 +4,6 @@ those of the network as trained, and a network where folding would change them i
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 

@@ -34,8 +34,14 @@ def check_target(out: Path) -> None:
 
 
 def export_model(model_ref: str, out: str | Path, precision: str = "fp32", eval_data: str | Path | None = None,
-                 force: bool = False, opset: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Export ``model_ref`` (a bundle or registered model) to ``out``; returns export.json's content."""
+                 force: bool = False, opset: int | None = None, progress: bool = False,
+                 calibration: str | Path | None = None, int8_towers: list[str] | None = None) -> dict[str, Any]:
+    """Export ``model_ref`` (a bundle or registered model) to ``out``; returns export.json's content.
+
+    ``calibration``: a folder of images (or one image) that makes an int8 export's image tower
+    static int8, calibrated on the first CALIBRATION_IMAGES of them; without it int8 keeps that
+    tower fp32. ``int8_towers``: the towers an int8 export quantises (default: text, and image when
+    calibrated), e.g. ["image"] where the text tower's int8 loses recall."""
     from .graph import DEFAULT_OPSET, check_opset
 
     out = Path(out)
@@ -47,6 +53,8 @@ def export_model(model_ref: str, out: str | Path, precision: str = "fp32", eval_
         raise ExportError(f"an {precision} export changes the embeddings; give --eval-data FILE to check that "
                           f"retrieval recall holds, or --force to export it unchecked")
     eval_items = _load_eval_items(eval_data) if eval_data is not None else None
+    calibration_images = _calibration_images(calibration, precision) if calibration is not None else None
+    int8_towers = _int8_towers(int8_towers, precision, calibration_images is not None)
 
     from ..atomic import atomic_directory, scratch_directory
     from ..bundle import load_bundle
@@ -60,7 +68,7 @@ def export_model(model_ref: str, out: str | Path, precision: str = "fp32", eval_
         chosen = fp32
         if precision != "fp32":
             chosen = Path(work) / precision
-            manifest = _write_reduced(model, fp32, chosen, precision, manifest)
+            manifest = _write_reduced(model, fp32, chosen, precision, manifest, calibration_images, int8_towers)
         if eval_items is not None:
             manifest["recall"] = _check_recall(fp32, chosen, precision, eval_items, str(eval_data), force, progress)
         elif precision != "fp32":
@@ -88,6 +96,33 @@ def _carry_fusion_heads(model, folder: Path) -> dict[str, Any]:
                          "onnx_min_cosine": read_fusion_info(target)["onnx_parity"]["min_cosine"]}
         log.info("fusion head %s carried into the export (ONNX parity %.6f)", name, carried[name]["onnx_min_cosine"])
     return carried
+
+
+def _calibration_images(calibration: str | Path, precision: str) -> list[Path]:
+    from ..images import list_images
+    from .precision import CALIBRATION_IMAGES
+
+    if precision != "int8":
+        raise ExportError(f"--calibration calibrates static int8 for the image tower; it goes with --int8, "
+                          f"not an {precision} export")
+    images = list_images(Path(calibration))[:CALIBRATION_IMAGES]
+    if not images:
+        raise ExportError(f"{calibration}: no images to calibrate int8 with")
+    return images
+
+
+def _int8_towers(towers: list[str] | None, precision: str, calibrated: bool) -> list[str] | None:
+    if towers is None:
+        return (["text", "image"] if calibrated else ["text"]) if precision == "int8" else None
+    towers = [tower for tower in TOWER_GRAPHS if tower in towers]  # in graph order, each once
+    if precision != "int8":
+        raise ExportError(f"--int8-towers chooses what an int8 export quantises; it goes with --int8, "
+                          f"not an {precision} export")
+    if not towers:
+        raise ExportError("--int8-towers must name text, image or both")
+    if "image" in towers and not calibrated:
+        raise ExportError("an int8 image tower is calibrated on images: give --calibration IMAGES")
+    return towers
 
 
 def _load_eval_items(eval_data):
@@ -137,20 +172,35 @@ def _write_fp32(model, model_ref: str, folder: Path, opset: int) -> dict[str, An
     return manifest
 
 
-def _write_reduced(model, fp32: Path, folder: Path, precision: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The int8 or fp16 candidate, with its agreement with PyTorch measured (reported, not gated)."""
+def _write_reduced(model, fp32: Path, folder: Path, precision: str, manifest: dict[str, Any],
+                   calibration: list[Path] | None = None, int8_towers: list[str] | None = None) -> dict[str, Any]:
+    """The int8 or fp16 candidate, with its agreement with PyTorch measured (reported, not gated);
+    ``calibration`` images make an int8 image tower static int8."""
     import onnx
 
     from .parity import measure
-    from .precision import INT8_SETTINGS, reduce_precision
+    from .precision import CALIBRATION_BATCH, INT8_SETTINGS, STATIC_IMAGE_SETTINGS, reduce_precision
 
     shutil.copytree(fp32, folder, ignore=shutil.ignore_patterns("*.onnx", EXPORT_JSON))
+    batches = None
+    if calibration is not None:
+        from ..preprocess import ImagePreprocessor
+
+        preprocessor = ImagePreprocessor.load(fp32 / "image")  # the export's own: bytes, as the graph takes
+        name = TOWER_GRAPHS["image"]["inputs"][0]
+
+        def batches():
+            return ({name: preprocessor.uint8_batch(calibration[start:start + CALIBRATION_BATCH])}
+                    for start in range(0, len(calibration), CALIBRATION_BATCH))
     for tower, graph in TOWER_GRAPHS.items():
-        reduce_precision(precision, fp32 / graph["file"], folder / graph["file"], tower)
+        reduce_precision(precision, fp32 / graph["file"], folder / graph["file"], tower,
+                         calibration=batches if tower == "image" else None, int8_towers=int8_towers)
         onnx.checker.check_model(str(folder / graph["file"]))
     manifest = dict(manifest, precision=precision)
     if precision == "int8":
-        manifest["int8_settings"] = INT8_SETTINGS
+        manifest["int8_settings"] = {**INT8_SETTINGS, "towers": int8_towers}
+        if "image" in int8_towers:
+            manifest["int8_settings"]["image"] = {**STATIC_IMAGE_SETTINGS, "calibration_images": len(calibration)}
     _write_manifest(folder, manifest)
     # Runs the reduced graphs on real inputs; on CPU this is also the check that fp16 runs at all.
     embedder = onnx_embedder(folder)
