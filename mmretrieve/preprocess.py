@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 # Pillow (and mmretrieve.images) are imported with the first image, not with this module: a
 # text query builds both preprocessors but never decodes an image.
+
 # The full resize-then-crop runs while it makes at most this many times the output's pixels.
 BOUNDED_ABOVE = 4
 RESIZE_MODES = ("crop", "squash")
