@@ -15,6 +15,8 @@ issue measured it), ``mallopt`` (mmretrieve/allocator.py, norms not folded), ``m
 norms`` (what the torch runtime does: batch norms folded into the convolutions,
 ``torch_runtime.fold_batch_norms``) and ``env vars`` (the MALLOC_*_ variables the issue measured
 with, set for the child, norms not folded; mmretrieve then leaves them alone).
+Then, in one child (mallopt), the tower with and without folded norms on alternating batches
+(``--rounds`` x 4 batches each): the steadier ratio for the folding alone.
 """
 
 from __future__ import annotations
@@ -62,6 +64,27 @@ def child(model: str, batches: int, batch: int, fold: bool) -> None:
                       "peak_rss_mb": after.ru_maxrss / 1024, "tuned": tune_allocator()}))
 
 
+def alternate(model: str, batches: int, batch: int) -> None:
+    """Both image towers in one process, one batch each in turn: img/s per batch of each."""
+    import numpy as np
+    from PIL import Image
+
+    from mmretrieve.runtime.torch_runtime import TorchEmbedder
+
+    towers = {"mallopt": TorchEmbedder(model, device="cpu", fold_norms=False),
+              "mallopt + folded norms": TorchEmbedder(model, device="cpu")}
+    noise = np.random.default_rng(0).integers(0, 256, (batch, 320, 400, 3), dtype=np.uint8)
+    pixels = towers["mallopt"].image_preprocessor([Image.fromarray(array) for array in noise])["pixel_values"]
+    rows = {name: embedder.embed_pixels(pixels) for name, embedder in towers.items()}  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in towers}
+    for _ in range(batches):
+        for name, embedder in towers.items():
+            started = time.perf_counter()
+            embedder.embed_pixels(pixels)
+            rates[name].append(batch / (time.perf_counter() - started))
+    print(json.dumps({"rates": rates, "max_abs_diff": float(abs(rows["mallopt"] - rows["mallopt + folded norms"]).max())}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
@@ -70,11 +93,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 batches, 2 rounds (about a minute)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fold", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--alternate", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.batches, args.rounds = 3, 2
     if args.child:
         child(args.model, args.batches, 32, args.fold)
+        return
+    if args.alternate:
+        alternate(args.model, args.batches, 32)
         return
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
@@ -107,6 +134,16 @@ def main() -> None:
         cpu = statistics.median(r["img_cpu_s"] for r in results)
         print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {cpu:.1f} | {cpu / base_cpu:.2f}x | {faults:.0f} | "
               f"{rss:.0f} | {rss / base_rss:.2f}x |")
+    done = subprocess.run([sys.executable, __file__, "--alternate", "--model", args.model, "--batches",
+                           str(4 * args.rounds)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"alternating run failed:\n{done.stderr}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    plain, folded = result["rates"]["mallopt"], result["rates"]["mallopt + folded norms"]
+    print(f"\nOne process, alternating batches of 32 ({len(plain)} each): mallopt {statistics.median(plain):.1f} img/s, "
+          f"mallopt + folded norms {statistics.median(folded):.1f} img/s: "
+          f"{statistics.median(folded) / statistics.median(plain):.2f}x (per pair: "
+          f"{', '.join(f'{b / a:.2f}' for a, b in zip(plain, folded))}); rows differ by {result['max_abs_diff']:.1g}")
     load_after = os.getloadavg()
     print(f"\nload average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores; batch 32, "
