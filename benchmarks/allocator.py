@@ -140,10 +140,11 @@ def main() -> None:
         sys.exit(f"alternating run failed:\n{done.stderr}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     plain, folded = result["rates"]["mallopt"], result["rates"]["mallopt + folded norms"]
+    pairs = [b / a for a, b in zip(plain, folded)]  # a pair's two batches ran under the same load
     print(f"\nOne process, alternating batches of 32 ({len(plain)} each): mallopt {statistics.median(plain):.1f} img/s, "
-          f"mallopt + folded norms {statistics.median(folded):.1f} img/s: "
-          f"{statistics.median(folded) / statistics.median(plain):.2f}x (per pair: "
-          f"{', '.join(f'{b / a:.2f}' for a, b in zip(plain, folded))}); rows differ by {result['max_abs_diff']:.1g}")
+          f"mallopt + folded norms {statistics.median(folded):.1f} img/s (medians); folded / not, median of the "
+          f"pairs: {statistics.median(pairs):.2f}x (each: {', '.join(f'{r:.2f}' for r in pairs)}); "
+          f"rows differ by {result['max_abs_diff']:.1g}")
     load_after = os.getloadavg()
     print(f"\nload average (1/5/15 min): before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} cores; batch 32, "
