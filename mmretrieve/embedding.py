@@ -208,7 +208,7 @@ def cached_view_features(encoder, inputs: list, cache_dir: Path, batch_size: int
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         first = 0
         plain_path = tower_cache_path(cache_dir, label, fingerprint, inputs)
-        if plain_path.is_file():
+        if views > 1 and plain_path.is_file():  # views == 1 would leave the loop below no view to run
             plain = np.load(plain_path, mmap_mode="r")
             if plain.shape == (len(inputs), encoder.dim):
                 log.info("view 0 of %s: the plain features cached in %s", label, plain_path)

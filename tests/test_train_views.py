@@ -335,3 +335,20 @@ def test_torchrun_ranks_share_one_cache_of_views(tmp_path, tiny_bert_dir, colour
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout[result.stdout.index("{"):])["steps"] == 4  # 28 images / (7 x 2 ranks) x 2
     assert len(list((tmp_path / "run" / "cache").glob("image-train-views3-*.npy"))) == 1
+
+
+def test_one_view_beside_a_plain_cache_is_computed_as_that_cache(tmp_path, colour_data):
+    # cached_view_features with views=1 is the plain preprocessing alone; a plain cache beside it
+    # must not leave it no view to compute (it divided by zero).
+    from mmretrieve.bundle import tower_fingerprint
+    from mmretrieve.data import load_captions
+    from mmretrieve.embedding import cached_tower_features, cached_view_features
+    from mmretrieve.encoders.factory import create_encoder
+
+    encoder = create_encoder(f"timm:{TINY_TIMM}", pretrained=False, image_size=48)
+    paths = [item.image for item in load_captions(str(colour_data), progress=False).items[:4]]
+    fingerprint = tower_fingerprint(encoder)
+    plain = cached_tower_features(encoder, paths, tmp_path, 8, "cpu", "image-train", fingerprint)
+    one = cached_view_features(encoder, paths, tmp_path, 8, "cpu", "image-train", fingerprint, 1, ViewAugmentation())
+    assert one.shape == (4, 1, encoder.dim)
+    np.testing.assert_allclose(one[:, 0].numpy(), plain.numpy(), rtol=1e-5, atol=1e-6)
