@@ -449,7 +449,7 @@ def train_fusion(model_ref, data, strategies, out, epochs, batch_size, lr, seed,
 @click.option("--int8-towers", type=click.Choice(["text", "image", "text,image"]),
               help="With --int8: the towers to quantise (default text, and image with --calibration).")
 @click.option("--eval-data", type=click.Path(exists=True),
-              help="Captioned images to report Recall@K on; a reduced precision may lose at most 1 point of R@5.")
+              help="Captioned images to report Recall@K on; a reduced precision may lose at most 1 point of R@1, R@5 or R@10.")
 @click.option("--force", is_flag=True, help="Write a reduced-precision export without the recall check, or despite it.")
 @click.option("--opset", type=int, help="ONNX opset, 17-20 (default 18).")
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest as JSON.")
