@@ -93,3 +93,7 @@ def test_int8_towers_quantises_only_the_towers_named(bundle, tmp_path):
         export_model(str(bundle), tmp_path / "out", precision="int8", force=True, int8_towers=["image"])
     with pytest.raises(ExportError, match="goes with --int8, not an fp32 export"):
         export_model(str(bundle), tmp_path / "out", int8_towers=["text"])
+    with pytest.raises(ExportError, match="--calibration calibrates the image tower's int8, which --int8-towers leaves"):
+        export_model(str(bundle), tmp_path / "out", precision="int8", force=True, calibration=tmp_path / "photo.png",
+                     int8_towers=["text"])
+    assert not (tmp_path / "out").exists()

@@ -122,6 +122,9 @@ def _int8_towers(towers: list[str] | None, precision: str, calibrated: bool) -> 
         raise ExportError("--int8-towers must name text, image or both")
     if "image" in towers and not calibrated:
         raise ExportError("an int8 image tower is calibrated on images: give --calibration IMAGES")
+    if calibrated and "image" not in towers:  # the images would calibrate nothing
+        raise ExportError("--calibration calibrates the image tower's int8, which --int8-towers leaves out: "
+                          "add image to --int8-towers or drop --calibration")
     return towers
 
 
