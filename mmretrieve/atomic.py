@@ -283,6 +283,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Public names for modules that publish their own temporary files (a memory-mapped cache).
+fsync_dir = _fsync_dir
+pid_alive = _alive
+
+
 # Leftovers of the code before issue 13 carry no pid and were never locked, so only their age
 # tells that their writer is gone: a day is far beyond any save (writers fill their folder
 # within seconds to minutes, and each file added refreshes the folder's time).

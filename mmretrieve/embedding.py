@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .atomic import write_npy_atomic
+from .atomic import fsync_dir, pid_alive, write_npy_atomic
 from .augment import ViewAugmentation, decode_views, init_views
 from .decode import Decoded, decode_images, ordered_map
 from .errors import InputError
@@ -203,6 +203,7 @@ def cached_view_features(encoder, inputs: list, cache_dir: Path, batch_size: int
             log.info("using cached %s features of %d views from %s", label, views, path)
             return torch.from_numpy(features)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
@@ -236,8 +237,21 @@ def cached_view_features(encoder, inputs: list, cache_dir: Path, batch_size: int
         out.flush()
         del out
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return torch.from_numpy(np.load(path))
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete the ``.NAME.PID.tmp`` files of ``path`` whose writer is gone (a killed run leaves a
+    full views array, hundreds of MB, that nothing else removes); a live writer's file stays."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{prefix}*.tmp"):
+        pid = tmp.name[len(prefix):-len(".tmp")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            log.info("removing %s, left by a run that is gone", tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -352,3 +353,42 @@ def test_one_view_beside_a_plain_cache_is_computed_as_that_cache(tmp_path, colou
     one = cached_view_features(encoder, paths, tmp_path, 8, "cpu", "image-train", fingerprint, 1, ViewAugmentation())
     assert one.shape == (4, 1, encoder.dim)
     np.testing.assert_allclose(one[:, 0].numpy(), plain.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_runs_views_tmp_is_removed_and_a_live_writers_is_kept(tmp_path, colour_data):
+    # A killed run leaves .NAME.PID.tmp, a full views array; the next caching call deletes it
+    # unless its writer still runs. A failing call leaves no tmp of its own.
+    import subprocess
+    import sys
+
+    from mmretrieve.bundle import tower_fingerprint
+    from mmretrieve.data import load_captions
+    from mmretrieve.embedding import cached_view_features
+    from mmretrieve.encoders.factory import create_encoder
+    from mmretrieve.errors import InputError
+
+    encoder = create_encoder(f"timm:{TINY_TIMM}", pretrained=False, image_size=48)
+    paths = [item.image for item in load_captions(str(colour_data), progress=False).items[:3]]
+    fingerprint, settings = tower_fingerprint(encoder), ViewAugmentation()
+
+    def views(inputs):
+        return cached_view_features(encoder, inputs, tmp_path, 8, "cpu", "image-train", fingerprint, 2, settings)
+
+    views(paths)
+    [cache] = tmp_path.glob("image-train-views2-*.npy")
+    cache.unlink()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead = tmp_path / f".{cache.name}.{int(finished.stdout)}.tmp"
+    live = tmp_path / f".{cache.name}.{os.getppid()}.tmp"
+    other = tmp_path / f".image-train-views2-0000000000000000.npy.{int(finished.stdout)}.tmp"
+    for tmp in (dead, live, other):
+        tmp.write_bytes(b"half written")
+    views(paths)
+    assert cache.is_file() and not dead.exists() and live.exists() and other.exists()
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(InputError):
+        views([*paths, str(broken)])
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == sorted([live.name, other.name])
