@@ -144,6 +144,20 @@ def test_existing_run_needs_resume_and_resume_needs_the_same_settings(make_confi
         Trainer(make_config(epochs=2, batch_size=4), resume=True)
 
 
+def test_resume_fills_nested_settings_added_since_the_run_with_their_defaults(make_config):
+    # A run written before a nested setting existed (here text.grad_checkpointing and
+    # model.bridge.top_t) resumes when the setting now has its default, and not when it differs.
+    config = make_config(epochs=1)
+    run_training(config)
+    path = Path(config.output) / "train_config.json"
+    saved = json.loads(path.read_text())
+    del saved["text"]["grad_checkpointing"], saved["model"]["bridge"]["top_t"]
+    path.write_text(json.dumps(saved))
+    Trainer(make_config(epochs=2), resume=True)
+    with pytest.raises(ConfigError, match="cannot resume .*: text differs"):
+        Trainer(make_config(epochs=2, text=TowerTraining("frozen", grad_checkpointing=True)), resume=True)
+
+
 def test_resume_without_a_checkpoint_is_refused(make_config):
     with pytest.raises(ConfigError, match="nothing to resume"):
         Trainer(make_config(), resume=True)

@@ -214,6 +214,16 @@ def bundle_view(model):
     return merged
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with the keys it lacks taken from ``defaults``, at every level: a setting added to
+    a nested section (text, image, model) since a run was written had its default then too."""
+    merged = {**defaults, **saved}
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            merged[key] = _with_defaults(value, defaults[key])
+    return merged
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         if not config.data:
@@ -278,7 +288,7 @@ class Trainer:
             raise ConfigError(f"{self.output} already holds a run; pass --resume to continue it or choose another output")
         if resume:
             # A setting added since the run started had its default then.
-            saved = {**to_dict(TrainConfig()), **json.loads((self.output / "train_config.json").read_text())}
+            saved = _with_defaults(json.loads((self.output / "train_config.json").read_text()), to_dict(TrainConfig()))
             now = to_dict(self.config)
             changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k)]
             if changed:
