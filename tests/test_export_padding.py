@@ -71,3 +71,22 @@ def test_the_fixed_padding_embeds_as_pytorch_at_any_batch(same_padded):
         assert by_onnx.shape == (len(batch), onnx_rows.embed_dim)
         assert (by_onnx * by_torch).sum(axis=1).min() >= PARITY_MIN_COSINE
         assert np.abs(by_onnx - by_torch).max() < 1e-4
+
+
+def test_a_timm_module_missing_or_without_pad_same_is_skipped_and_the_others_still_fixed(monkeypatch):
+    # A timm release that drops or renames one of these modules must not fail every timm export.
+    import importlib
+
+    from mmretrieve.encoders import timm_image
+
+    monkeypatch.setattr(timm_image, "PAD_SAME_USERS",
+                        (*timm_image.PAD_SAME_USERS, "timm.layers.no_such_module", "json"))
+    conv2d_same = importlib.import_module("timm.layers.conv2d_same")
+    original = conv2d_same.pad_same
+    torch.manual_seed(0)
+    conv, x = conv2d_same.Conv2dSame(3, 4, 3, stride=2), torch.randn(1, 3, 9, 9)
+    expected = conv(x)
+    with timm_image.fixed_size_padding():
+        assert conv2d_same.pad_same is not original
+        torch.testing.assert_close(conv(x), expected)
+    assert conv2d_same.pad_same is original and not hasattr(importlib.import_module("json"), "pad_same")

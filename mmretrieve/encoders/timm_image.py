@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from ..errors import InputError
 from ..preprocess import ImagePreprocessConfig, ImagePreprocessor
 from .base import Encoder
 from .hub import load_from_hub
+
+log = logging.getLogger(__name__)
 
 
 class ImageTower(nn.Module):
@@ -44,7 +47,12 @@ def fixed_size_padding():
     computed from the tensor's shape at run time (Shape, Ceil, ...), and for EfficientNet-Lite0's
     five stride-2 convolutions onnxruntime left each Pad standing between layout reorders (NCHWc to
     NCHW and back): 20% of the image tower's time; 1.24x img/s without them (docs/benchmarks.md)."""
-    from timm.layers.padding import get_same_padding
+    try:
+        from timm.layers.padding import get_same_padding
+    except ImportError as exc:  # another timm layout: trace its padding as it is (slower, still right)
+        log.debug("timm padding left as it is: %s", exc)
+        yield
+        return
 
     def pad_same(x, kernel_size, stride, dilation=(1, 1), value: float = 0):
         height, width = (int(size) for size in x.shape[-2:])  # int(): a constant in the trace
@@ -52,7 +60,15 @@ def fixed_size_padding():
         pad_w = get_same_padding(width, kernel_size[1], stride[1], dilation[1])
         return nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
 
-    modules = [importlib.import_module(name) for name in PAD_SAME_USERS]
+    modules = []
+    for name in PAD_SAME_USERS:  # a module a timm version lacks or renamed keeps its own padding
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            log.debug("timm padding of %s left as it is: %s", name, exc)
+            continue
+        if hasattr(module, "pad_same"):
+            modules.append(module)
     saved = [module.pad_same for module in modules]
     for module in modules:
         module.pad_same = pad_same
