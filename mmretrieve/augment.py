@@ -108,11 +108,13 @@ def augment(image: Image.Image, settings: ViewAugmentation, rng: np.random.Gener
 def view_pixels(image: Image.Image, digest: str, views: int, preprocessor, settings: ViewAugmentation,
                 first: int = 0) -> np.ndarray:
     """uint8 (views - first, size, size, 3): views ``first`` to ``views - 1`` of the image, the
-    preprocessor's ``resize_crop`` of the image itself (view 0) or of an augmentation of it."""
+    preprocessor's ``resize_crop`` of the image itself (view 0) or of an augmentation of it. A
+    preprocessor with only ``transform`` gives its output instead, as ``decode.decode_one`` does."""
+    prepare = getattr(preprocessor, "resize_crop", None) or preprocessor.transform
     out = []
     for view in range(first, views):
         source = image if view == 0 else augment(image, settings, view_rng(digest, view))
-        out.append(preprocessor.resize_crop(source))
+        out.append(prepare(source))
     return np.stack(out)
 
 

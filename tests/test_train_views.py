@@ -59,6 +59,21 @@ def test_view_zero_is_the_plain_preprocessing_and_views_are_reproducible_per_ima
     assert not np.array_equal(view_pixels(image, "34" * 32, 2, preprocessor, settings)[1], views[1])
 
 
+def test_views_of_a_preprocessor_with_only_transform_are_its_output():
+    # A runtime's own preprocessor may offer only ``transform`` (decode_one accepts it too).
+    class TransformOnly:
+        def __init__(self):
+            self.plain = ImagePreprocessor(ImagePreprocessConfig(size=32))
+
+        def transform(self, image):
+            return self.plain.normalize(self.plain.resize_crop(image)[None])[0]
+
+    image, settings, only = gradient_image(), ViewAugmentation(), TransformOnly()
+    views = view_pixels(image, "12" * 32, 3, only, settings)
+    plain = view_pixels(image, "12" * 32, 3, only.plain, settings)
+    np.testing.assert_allclose(views, only.plain.normalize(plain))
+
+
 def test_flip_mirrors_without_changing_the_crop():
     image = gradient_image()
     flipped = [augment(image, ViewAugmentation(flip=True), view_rng("56" * 32, v)) for v in range(8)]
