@@ -86,6 +86,9 @@ def test_int8_towers_quantises_only_the_towers_named(bundle, tmp_path):
     manifest = export_model(str(bundle), tmp_path / "image-only", precision="int8", force=True,
                             calibration=tmp_path / "photo.png", int8_towers=["image"])
     assert manifest["int8_settings"]["towers"] == ["image"] and manifest["int8_settings"]["image"]["calibration_images"] == 1
+    # the dynamic MatMul settings are the text tower's: not listed when it is left fp32
+    assert set(manifest["int8_settings"]) == {"towers", "image"}
+    assert manifest["int8_settings"]["image"]["exporting_cpu_vnni"] in (True, False, "unknown")
     # the text graph stays fp32 where its int8 loses recall (the default model's does on flickr8k-dev)
     assert (tmp_path / "image-only" / "text.onnx").read_bytes() == (fp32 / "text.onnx").read_bytes()
     assert (tmp_path / "image-only" / "image.onnx").read_bytes() != (fp32 / "image.onnx").read_bytes()
@@ -97,3 +100,22 @@ def test_int8_towers_quantises_only_the_towers_named(bundle, tmp_path):
         export_model(str(bundle), tmp_path / "out", precision="int8", force=True, calibration=tmp_path / "photo.png",
                      int8_towers=["text"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx_vnni\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n", False),
+    ("processor\t: 0\nFeatures\t: fp asimd\n", "unknown"),  # an Arm CPU lists no x86 flags
+    (None, "unknown"),  # no /proc (another OS)
+])
+def test_the_export_records_whether_its_cpu_had_vnni(monkeypatch, tmp_path, cpuinfo, expected):
+    # Static int8 (uint8 activations, int8 weights, no reduce_range) may saturate on x86 without
+    # VNNI, so export.json says which kind of CPU the recall gate ran on.
+    from mmretrieve.export import precision
+
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    monkeypatch.setattr(precision, "CPUINFO", path)
+    assert precision.cpu_vnni() == expected

@@ -182,7 +182,7 @@ def _write_reduced(model, fp32: Path, folder: Path, precision: str, manifest: di
     import onnx
 
     from .parity import measure
-    from .precision import CALIBRATION_BATCH, INT8_SETTINGS, STATIC_IMAGE_SETTINGS, reduce_precision
+    from .precision import CALIBRATION_BATCH, INT8_SETTINGS, STATIC_IMAGE_SETTINGS, cpu_vnni, reduce_precision
 
     shutil.copytree(fp32, folder, ignore=shutil.ignore_patterns("*.onnx", EXPORT_JSON))
     batches = None
@@ -201,9 +201,12 @@ def _write_reduced(model, fp32: Path, folder: Path, precision: str, manifest: di
         onnx.checker.check_model(str(folder / graph["file"]))
     manifest = dict(manifest, precision=precision)
     if precision == "int8":
-        manifest["int8_settings"] = {**INT8_SETTINGS, "towers": int8_towers}
+        # INT8_SETTINGS (dynamic MatMul) describe the text tower's quantisation only.
+        manifest["int8_settings"] = {**INT8_SETTINGS, "towers": int8_towers} if "text" in int8_towers \
+            else {"towers": int8_towers}
         if "image" in int8_towers:
-            manifest["int8_settings"]["image"] = {**STATIC_IMAGE_SETTINGS, "calibration_images": len(calibration)}
+            manifest["int8_settings"]["image"] = {**STATIC_IMAGE_SETTINGS, "calibration_images": len(calibration),
+                                                  "exporting_cpu_vnni": cpu_vnni()}
     _write_manifest(folder, manifest)
     # Runs the reduced graphs on real inputs; on CPU this is also the check that fp16 runs at all.
     embedder = onnx_embedder(folder)

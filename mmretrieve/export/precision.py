@@ -28,8 +28,26 @@ INT8_SETTINGS = {"op_types_to_quantize": ["MatMul"], "per_channel": True, "weigh
 # (i2t R@1 +1.4); the recall gate judges it like any int8 export.
 STATIC_IMAGE_SETTINGS = {"format": "QDQ", "op_types_to_quantize": ["Conv", "Clip", "Add"], "per_channel": True,
                          "activation_type": "QUInt8", "weight_type": "QInt8", "calibration": "MinMax"}
+# Static int8 runs uint8 activations against int8 weights without reduce_range; onnxruntime warns
+# that this may saturate on x86 CPUs without VNNI, so the export records whether its CPU had it.
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}
+CPUINFO = Path("/proc/cpuinfo")
 CALIBRATION_IMAGES = 64  # the first this many images of the folder, sorted by path
 CALIBRATION_BATCH = 8  # images per calibration run (MinMax keeps every run's outputs: ~1.5 GB at 64)
+
+
+def cpu_vnni() -> bool | str:
+    """Whether this CPU has VNNI (its /proc/cpuinfo flags); "unknown" where they cannot be read
+    (another OS, a CPU whose cpuinfo lists no x86 flags)."""
+    try:
+        text = CPUINFO.read_text(errors="replace")
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return bool(VNNI_FLAGS & set(value.split()))
+    return "unknown"
 
 
 def quantize_int8(source: Path, target: Path) -> None:
