@@ -7,7 +7,7 @@ and image-decoding processes want the same cores. Measured on 2 cores, a warm te
 9.7 ms with every engine at its own default and 3.5 ms with faiss on one thread.
 
     job       onnxruntime intra-op     spinning  faiss          torch    decode workers
-    search    cores                    off       1 below 20 queries, else cores   cores    -
+    search    cores                    on        1 below 20 queries, else cores   cores    -
     index     cores                    off       cores          cores    0 up to 2 cores, else cores - 1
     serve     cores - 1                off       cores - 1      cores-1  -
     other     cores                    on        cores          cores    as given
@@ -102,7 +102,10 @@ def policy_for(job: str, cores: int | None = None, threads: int | None = None, e
     else:
         compute = cores
     compute = chosen or compute
-    spinning = job not in ("search", "index", "serve")
+    # search spins: with faiss on one thread for a few queries nothing else wants the cores between
+    # runs, and a warm query took 3.3 ms spinning against 4.1 ms not (docs/benchmarks.md, "Warm
+    # search, spinning"); index decodes between runs and serve answers many clients, so they do not.
+    spinning = job not in ("index", "serve")
     spin = env.get(SPINNING_ENV, "").strip()
     if spin:
         if spin not in ("0", "1"):

@@ -19,7 +19,7 @@ def no_policy(monkeypatch):
 
 def test_policy_per_job_on_two_cores():
     search, index, serve, train = (policy_for(job, cores=2) for job in ("search", "index", "serve", "train"))
-    assert (search.compute, search.spinning, search.faiss_threads(1), search.faiss_threads(64)) == (2, False, 1, 2)
+    assert (search.compute, search.spinning, search.faiss_threads(1), search.faiss_threads(64)) == (2, True, 1, 2)
     assert (index.compute, index.spinning, index.decode_workers) == (2, False, 0)  # decoding in-process
     assert (serve.compute, serve.faiss) == (1, 1)  # one core left for the event loop
     assert train.spinning and train.compute == 2
@@ -50,11 +50,11 @@ def test_onnx_sessions_follow_the_policy(monkeypatch):
     from mmretrieve.runtime.onnx_runtime import THREADS_ENV, session_options
 
     monkeypatch.delenv(THREADS_ENV, raising=False)
-    threads.use_policy("search", threads=3)
+    threads.use_policy("index", threads=3)
     options = session_options(ort)
     assert options.intra_op_num_threads == 3
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    threads.use_policy("eval", threads=2)
+    threads.use_policy("search", threads=2)
     assert session_options(ort).get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert session_options(ort, threads=1).intra_op_num_threads == 1  # an explicit argument wins
 
