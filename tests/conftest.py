@@ -9,7 +9,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import TINY_TIMM, make_tiny_bert  # noqa: E402
+from tiny_models import TINY_TIMM, make_colour_dataset, make_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +123,28 @@ def run():
         return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+# -- training runs on a tiny model (tests/test_train*.py) --------------------------------------------
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    return make_colour_dataset(tmp_path_factory.mktemp("colours"), per_colour=6)
+
+
+@pytest.fixture
+def make_config(tiny_bert_dir, colour_data, tmp_path):
+    """``make(**overrides)``: a TrainConfig for a two-epoch run of a tiny model on ``colour_data``."""
+    from mmretrieve.config import ModelConfig, TowerConfig, TrainConfig
+
+    def make(**overrides) -> TrainConfig:
+        model = ModelConfig(
+            text=TowerConfig("bert", {"model_name": str(tiny_bert_dir), "max_length": 16}),
+            image=TowerConfig(f"timm:{TINY_TIMM}", {"pretrained": False, "image_size": 48}),
+            embed_dim=16,
+        )
+        settings = dict(data=str(colour_data), model=model, val_size=14, batch_size=7, epochs=2, warmup_steps=2,
+                        workers=0, head_lr=0.01, output=str(tmp_path / "run"), log_every=1)
+        settings.update(overrides)
+        return TrainConfig(**settings)
+    return make

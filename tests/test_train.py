@@ -10,37 +10,13 @@ import pytest
 import torch
 
 from mmretrieve.bundle import load_bundle
-from mmretrieve.config import ModelConfig, TowerConfig, TowerTraining, TrainConfig
+from mmretrieve.config import TowerConfig, TowerTraining
 from mmretrieve.errors import BundleError, ConfigError, InputError
 from mmretrieve.train import checkpoint as ckpt
 from mmretrieve.train.loop import Trainer, run_training
-from tiny_models import TINY_TIMM, make_colour_dataset, tiny_train_config
+from tiny_models import TINY_TIMM, model_state, tiny_train_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def colour_data(tmp_path_factory):
-    return make_colour_dataset(tmp_path_factory.mktemp("colours"), per_colour=6)
-
-
-@pytest.fixture
-def make_config(tiny_bert_dir, colour_data, tmp_path):
-    def make(**overrides) -> TrainConfig:
-        model = ModelConfig(
-            text=TowerConfig("bert", {"model_name": str(tiny_bert_dir), "max_length": 16}),
-            image=TowerConfig(f"timm:{TINY_TIMM}", {"pretrained": False, "image_size": 48}),
-            embed_dim=16,
-        )
-        settings = dict(data=str(colour_data), model=model, val_size=14, batch_size=7, epochs=2, warmup_steps=2,
-                        workers=0, head_lr=0.01, output=str(tmp_path / "run"), log_every=1)
-        settings.update(overrides)
-        return TrainConfig(**settings)
-    return make
-
-
-def model_state(folder) -> dict[str, torch.Tensor]:
-    return ckpt.load_checkpoint(folder / "checkpoint")["model"]
 
 
 def test_training_improves_retrieval_and_writes_the_run_folder(make_config, tmp_path):

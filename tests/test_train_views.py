@@ -16,10 +16,9 @@ from mmretrieve.augment import ViewAugmentation, augment, crop_box, view_pixels,
 from mmretrieve.config import ModelConfig, TowerConfig, TowerTraining, TrainConfig
 from mmretrieve.errors import ConfigError
 from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
-from mmretrieve.train import checkpoint as ckpt
 from mmretrieve.train.loop import Trainer, run_training
 from mmretrieve.train.pipeline import EpochBatches
-from tiny_models import TINY_TIMM, make_colour_dataset, tiny_train_config
+from tiny_models import TINY_TIMM, make_colour_dataset, model_state, tiny_train_config
 
 
 def gradient_image(width: int = 120, height: int = 90) -> Image.Image:
@@ -148,30 +147,6 @@ def test_sampler_draws_a_view_per_image_each_epoch_without_changing_images_or_ca
 
 
 # -- training -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def colour_data(tmp_path_factory):
-    return make_colour_dataset(tmp_path_factory.mktemp("colours"), per_colour=6)
-
-
-@pytest.fixture
-def make_config(tiny_bert_dir, colour_data, tmp_path):
-    def make(**overrides) -> TrainConfig:
-        model = ModelConfig(
-            text=TowerConfig("bert", {"model_name": str(tiny_bert_dir), "max_length": 16}),
-            image=TowerConfig(f"timm:{TINY_TIMM}", {"pretrained": False, "image_size": 48}),
-            embed_dim=16,
-        )
-        settings = dict(data=str(colour_data), model=model, val_size=14, batch_size=7, epochs=2, warmup_steps=2,
-                        workers=0, head_lr=0.01, output=str(tmp_path / "run"), log_every=1)
-        settings.update(overrides)
-        return TrainConfig(**settings)
-    return make
-
-
-def model_state(folder) -> dict[str, torch.Tensor]:
-    return ckpt.load_checkpoint(folder / "checkpoint")["model"]
-
 
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = False) -> None:
     assert a.keys() == b.keys()

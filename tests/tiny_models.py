@@ -80,3 +80,10 @@ def tiny_train_config(bert_dir, embed_dim: int = 16, image_size: int = 48, **set
         "embed_dim": embed_dim,
         "text": {"encoder": "bert", "options": {"model_name": str(bert_dir), "max_length": 16}},
         "image": {"encoder": f"timm:{TINY_TIMM}", "options": {"pretrained": False, "image_size": image_size}}}}
+
+
+def model_state(folder):
+    """The model weights of a training run's checkpoint (``folder/checkpoint``)."""
+    from mmretrieve.train import checkpoint
+
+    return checkpoint.load_checkpoint(folder / "checkpoint")["model"]
