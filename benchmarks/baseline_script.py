@@ -219,6 +219,17 @@ def run_bench(args, images: list[Path], export: Path, work: Path, load_before: t
     assert equal, "the script's vectors differ from mmretrieve's"
 
 
+def script_index_from(library) -> tuple[faiss.IndexFlatIP, list[str]]:
+    """The script's faiss index and paths, filled with the vectors an mmretrieve ``Index`` stored
+    (the same rows), so nothing is embedded twice."""
+    store = library.reader.store
+    ids, vectors = store.all_embeddings()
+    names = store.items_by_id(ids)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, np.float32))
+    return index, [names[int(i)].path for i in ids]
+
+
 def search_bench_mode(args) -> None:
     """Search only, on an index mmretrieve built already (``--index-dir``): the script's faiss index is
     filled with the vectors mmretrieve stored (the same rows), so nothing is embedded twice.
@@ -239,13 +250,8 @@ def search_bench_mode(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="baseline-search-"))
     try:
         library = Index(args.index_dir, model=str(args.export))
-        store = library.reader.store
-        ids, vectors = store.all_embeddings()
-        names = store.items_by_id(ids)
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(np.ascontiguousarray(vectors, np.float32))
+        index, paths = script_index_from(library)
         faiss.write_index(index, str(work / "index.faiss"))
-        paths = [names[int(i)].path for i in ids]
         (work / "paths.txt").write_text("".join(f"{p}\n" for p in paths))
 
         ex = load_export(args.export)

@@ -28,21 +28,13 @@ HERE = Path(__file__).resolve().parent
 def child(args) -> None:
     """Time one side in this process and print its median ms per query as JSON."""
     sys.path.insert(0, str(HERE))
-    from baseline_script import QUERIES, load_export, search
+    from baseline_script import QUERIES, load_export, script_index_from, search
 
     from mmretrieve.api import Index
 
     library = Index(args.index_dir, model=str(args.export))
     if args.side == "script":
-        import faiss
-        import numpy as np
-
-        store = library.reader.store
-        ids, vectors = store.all_embeddings()
-        names = store.items_by_id(ids)
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(np.ascontiguousarray(vectors, np.float32))
-        paths = [names[int(i)].path for i in ids]
+        index, paths = script_index_from(library)
         export = load_export(Path(args.export))
         session = export["session"]("text")
         run = lambda q: search(q, index, paths, export, session)  # noqa: E731
