@@ -303,7 +303,7 @@ def search_bench_mode(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
     median = statistics.median
-    print(f"| what ({len(ids)} items; median of {args.rounds * 3} warm / {cold_rounds} cold rounds, interleaved) "
+    print(f"| what ({len(paths)} items; median of {args.rounds * 3} warm / {cold_rounds} cold rounds, interleaved) "
           f"| time | vs script |\n|---|---:|---:|")
     for name, values in warm.items():
         print(f"| warm `search(q)`, {name} | {median(values):.2f} ms | "
