@@ -103,8 +103,9 @@ def policy_for(job: str, cores: int | None = None, threads: int | None = None, e
         compute = cores
     compute = chosen or compute
     # search spins: with faiss on one thread for a few queries nothing else wants the cores between
-    # runs, and a warm query took 3.3 ms spinning against 4.1 ms not (docs/benchmarks.md, "Warm
-    # search, spinning"); index decodes between runs and serve answers many clients, so they do not.
+    # runs, and a warm query took 3.49 ms spinning against 4.25 ms not (benchmarks/
+    # warm_search_processes.py; docs/benchmarks.md, "Issue 17 re-measured, second quiet window");
+    # index decodes between runs and serve answers many clients, so they do not.
     spinning = job not in ("index", "serve")
     spin = env.get(SPINNING_ENV, "").strip()
     if spin:
