@@ -11,7 +11,8 @@ Variants run interleaved, round after round, on one export (``--export``, fp32):
     int8       the int8 text graph (`mmretrieve export --int8`'s quantize_int8), policy settings
   image, batch 32 and batch 1 of 224 px inputs:
     defaults   onnxruntime's own session options (ORT_ENABLE_ALL, spinning on)
-    policy     mmretrieve's session options (spinning off)
+    policy     mmretrieve's session options (spinning off), the batch in one run
+    runs of N  policy, the batch of 32 in runs of N (mmretrieve runs 8: IMAGE_SUB_BATCH)
     extended   ORT_ENABLE_EXTENDED: no NCHWc layout transformation
     +denormal  policy with session.set_denormal_as_zero=1
     int8       the image graph quantised as int8 exports did before (MatMul: its head)
@@ -163,6 +164,11 @@ def main() -> None:
         for name, sess in image_sessions.items():
             variants[("image", batch, name)] = (lambda s, b: lambda: s.run([image_out], {image_input: pixels[b]}))(
                 sess, batch)
+        if batch == 32:  # the batch in runs, as OnnxEmbedder.embed_pixels does on CPU (IMAGE_SUB_BATCH)
+            for run_size in (4, 8, 16):
+                variants[("image", 32, f"policy, runs of {run_size}")] = (
+                    lambda s, n: lambda: [s.run([image_out], {image_input: pixels[32][i:i + n]})
+                                          for i in range(0, 32, n)])(image_sessions["policy"], run_size)
         if other is not None:
             graph = other.graph("image")
             other_pixels = raw[:batch] if input_dtype(graph) == "uint8" else preprocessor.normalize(raw[:batch])

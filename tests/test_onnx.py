@@ -244,6 +244,20 @@ def test_length_sorted_sub_batches_give_the_same_embeddings(exported):
     assert np.abs(sorted_runs - one_run).max() < 1e-5
 
 
+def test_images_run_in_runs_of_the_sub_batch_on_cpu_with_the_same_rows(exported):
+    pixels = np.random.default_rng(0).integers(0, 256, (19, 64, 64, 3), dtype=np.uint8)
+    runs = OnnxEmbedder(exported, device="cpu", image_sub_batch=8)
+    sizes = []
+    session = runs.session("image")
+    runs._sessions["image"] = type("Counting", (), {
+        "get_providers": session.get_providers,
+        "run": lambda self, names, feeds: sizes.append(len(next(iter(feeds.values())))) or session.run(names, feeds)})()
+    in_runs = runs.embed_pixels(pixels)
+    assert sizes == [8, 8, 3]
+    whole = OnnxEmbedder(exported, device="cpu", image_sub_batch=None).embed_pixels(pixels)
+    assert in_runs.shape == whole.shape and np.abs(in_runs - whole).max() < 1e-5
+
+
 def test_runtime_choice_and_its_mistakes(bundle, exported):
     assert choose_runtime(str(exported)) == "onnx" and choose_runtime(str(bundle)) == "torch"
     with pytest.raises(ExportError, match="is a model bundle, not an ONNX export; run `mmretrieve export"):

@@ -34,6 +34,10 @@ CHUNK = 256  # rows per session.run: bounds memory for long lists
 # Texts per run once a batch is sorted by length: 44% of a batch of 32 Flickr8k captions was
 # padding; runs of 8 similar lengths embedded 1.2x more captions/s (onnxruntime's per-run cost is small).
 TEXT_SUB_BATCH = 8
+# Images per run on CPU: a batch of 32 224 px images overflows the caches between layers; runs of
+# 8 embedded 1.11-1.20x more images/s on 2 cores (benchmarks/ort_towers.py, docs/benchmarks.md
+# "Image runs of 8"). A GPU keeps the whole batch in one run.
+IMAGE_SUB_BATCH = 8
 
 
 def gpu_visible() -> bool:
@@ -105,7 +109,8 @@ class OnnxEmbedder:
     """
 
     def __init__(self, model_ref: str | Path, device: str | None = None, threads: int | None = None,
-                 optimization: str | None = None, text_sub_batch: int | None = TEXT_SUB_BATCH):
+                 optimization: str | None = None, text_sub_batch: int | None = TEXT_SUB_BATCH,
+                 image_sub_batch: int | None = IMAGE_SUB_BATCH):
         folder = Path(model_ref)
         if (folder / BUNDLE_MANIFEST).is_file():
             raise ExportError(f"{folder} is a model bundle, not an ONNX export; run `mmretrieve export --model "
@@ -124,6 +129,7 @@ class OnnxEmbedder:
         self._options = session_options(self._ort, threads, optimization)
         self._sessions: dict[str, Any] = {}
         self.text_sub_batch = text_sub_batch  # None: run each batch as given, padded to its longest text
+        self.image_sub_batch = image_sub_batch  # None: run each batch (up to CHUNK) as given
 
     @property
     def providers(self) -> list[str]:
@@ -181,8 +187,10 @@ class OnnxEmbedder:
         float32, is fed ``ImagePreprocessor.normalize``'s output, bit for bit what it was fed before."""
         name = self.info.graph("image")["inputs"][0]
         pixels = self._image_input(np.asarray(pixels))
-        return self._rows([self._run("image", {name: pixels[start:start + CHUNK]})
-                           for start in range(0, len(pixels), CHUNK)])
+        on_cpu = self.session("image").get_providers()[0] == "CPUExecutionProvider"
+        step = min(CHUNK, self.image_sub_batch) if self.image_sub_batch and on_cpu else CHUNK
+        return self._rows([self._run("image", {name: pixels[start:start + step]})
+                           for start in range(0, len(pixels), step)])
 
     def _image_input(self, pixels: np.ndarray) -> np.ndarray:
         takes_uint8 = input_dtype(self.info.graph("image")) == "uint8"
