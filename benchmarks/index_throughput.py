@@ -5,10 +5,13 @@ runs, batch after batch. End to end: `index_images` on the folder into a fresh i
 decode in worker processes, embed, SQLite, FAISS, publish). Runs alternate, and the table
 gives each run and the ratio of medians. Target: end to end >= 85% of encoder-only. ``--workers``
 takes a list (``0,1,2``): each round then runs end to end once per decode-worker count, and each
-count gets its ratio. Encoder-only is fed what the decode pool sends (uint8 from ``resize_crop``).
+count gets its ratio; ``inline`` in the list is 0 workers decoding between batches in the calling
+thread (as before decoding ahead in a thread; docs/benchmarks.md "Decoding ahead in a thread").
+Encoder-only is fed what the decode pool sends (uint8 from ``resize_crop``). The process takes
+the ``index`` command's thread policy (mmretrieve.threads).
 
     python benchmarks/index_throughput.py --model runs/x/best [--images DIR] [--limit 300] [--rounds 2]
-        [--workers 0,1,2]
+        [--workers 0,1,2,inline]
 """
 
 from __future__ import annotations
@@ -23,9 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
+import mmretrieve.embedding
+from mmretrieve.decode import decode_one
 from mmretrieve.images import list_images, load_image
 from mmretrieve.index.builder import index_images
 from mmretrieve.runtime import load_embedder
+from mmretrieve.threads import use_policy
+
+THREADED_DECODE = mmretrieve.embedding.decode_images
+
+
+def inline_decode(paths, preprocessor, workers=0, read_ahead=64):
+    """Decoding between batches, in the caller's thread (what 0 workers did before)."""
+    return (decode_one(path, preprocessor) for path in paths)
 
 
 def encoder_only(embedder, pixels: np.ndarray, batch_size: int) -> float:
@@ -35,12 +48,17 @@ def encoder_only(embedder, pixels: np.ndarray, batch_size: int) -> float:
     return len(pixels) / (time.perf_counter() - started)
 
 
-def end_to_end(embedder, folder: Path, batch_size: int, workers: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        report = index_images(folder, Path(tmp) / "index", embedder, batch_size=batch_size, workers=workers,
-                              progress=False, follow_links=True)  # the subset is links to the data
-        return report.total / (time.perf_counter() - started)
+def end_to_end(embedder, folder: Path, batch_size: int, workers: str) -> float:
+    mmretrieve.embedding.decode_images = inline_decode if workers == "inline" else THREADED_DECODE
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            report = index_images(folder, Path(tmp) / "index", embedder, batch_size=batch_size,
+                                  workers=0 if workers == "inline" else int(workers),
+                                  progress=False, follow_links=True)  # the subset is links to the data
+            return report.total / (time.perf_counter() - started)
+    finally:
+        mmretrieve.embedding.decode_images = THREADED_DECODE
 
 
 def main() -> None:
@@ -54,7 +72,10 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    worker_counts = [int(w) for w in str(args.workers).split(",")]
+    worker_counts = [w.strip() for w in str(args.workers).split(",")]
+    if any(w != "inline" and not w.isdigit() for w in worker_counts):
+        parser.error("--workers takes whole numbers and 'inline', separated by commas")
+    use_policy("index")
     load_before = os.getloadavg()
     embedder = load_embedder(args.model, args.runtime)
     paths = list_images(Path(args.images))[: args.limit]
