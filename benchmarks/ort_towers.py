@@ -12,7 +12,7 @@ Variants run interleaved, round after round, on one export (``--export``, fp32):
   image, batch 32 and batch 1 of 224 px inputs:
     defaults   onnxruntime's own session options (ORT_ENABLE_ALL, spinning on)
     policy     mmretrieve's session options (spinning off), the batch in one run
-    runs of N  policy, the batch of 32 in runs of N (mmretrieve runs 8: IMAGE_SUB_BATCH)
+    runs of N  policy, the batch of 32 in runs of N (mmretrieve runs 4: IMAGE_SUB_BATCH)
     extended   ORT_ENABLE_EXTENDED: no NCHWc layout transformation
     +denormal  policy with session.set_denormal_as_zero=1
     int8       the image graph quantised as int8 exports did before (MatMul: its head)

@@ -34,10 +34,10 @@ CHUNK = 256  # rows per session.run: bounds memory for long lists
 # Texts per run once a batch is sorted by length: 44% of a batch of 32 Flickr8k captions was
 # padding; runs of 8 similar lengths embedded 1.2x more captions/s (onnxruntime's per-run cost is small).
 TEXT_SUB_BATCH = 8
-# Images per run on CPU: a batch of 32 224 px images overflows the caches between layers; runs of
-# 8 embedded 1.11-1.20x more images/s on 2 cores (benchmarks/ort_towers.py, docs/benchmarks.md
-# "Image runs of 8"). A GPU keeps the whole batch in one run.
-IMAGE_SUB_BATCH = 8
+# Images per run on CPU: a batch of 32 224 px images overflows the caches between layers. On 2
+# quiet cores runs of 4 embedded 1.27x the images/s of one run, runs of 8 1.19x and of 16 1.09x
+# (benchmarks/ort_towers.py, docs/benchmarks.md "Images in runs"). A GPU keeps the batch whole.
+IMAGE_SUB_BATCH = 4
 
 
 def gpu_visible() -> bool:
