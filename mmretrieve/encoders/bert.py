@@ -81,9 +81,10 @@ def _fast_tokenizer(model_name: str):
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """Loading prints a progress bar and a report listing the pooler weights we leave out on
-    purpose (add_pooling_layer=False); neither helps a user, so both are off while loading."""
+def quiet_transformers():
+    """transformers' loading prints a progress bar and a report of the weights a model leaves out
+    on purpose (here the pooler: add_pooling_layer=False; CLIP pairs' unused parts in
+    mmretrieve.pairs.hf); neither helps a user, so both are off while loading."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -115,7 +116,7 @@ class BertEncoder(Encoder):
 
         def load():
             config = AutoConfig.from_pretrained(model_name)
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = AutoModel.from_pretrained(model_name, add_pooling_layer=False) if pretrained \
                     else AutoModel.from_config(config, add_pooling_layer=False)
             return config, model, _fast_tokenizer(model_name)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import TowerConfig
 from ..encoders.base import Encoder
-from ..encoders.bert import _quiet_transformers
+from ..encoders.bert import quiet_transformers
 from ..encoders.hub import hub_reachable, offline_requested
 from ..bundle import LOCAL_DIR
 from ..errors import InputError
@@ -154,7 +154,7 @@ def _load_pretrained(folder: str, identity: tuple) -> nn.Module:
     _check_supported(model_type, folder)
     pair_class = getattr(transformers, CLASSES[model_type][0])
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return pair_class.from_pretrained(folder, dtype=torch.float32).eval()
     except (OSError, ValueError) as exc:  # no weights file, a truncated one, a config that does not fit
         raise InputError(f"cannot load the checkpoint in {folder}: {str(exc).strip().splitlines()[0]}") from None
@@ -208,7 +208,7 @@ def _tokenizer_settings(folder: str, identity: tuple, model_type: str, positions
     each tower build, and the bundle's reference check, would read the tokenizer again)."""
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(tokenizer, "is_fast", False):
         fast = tokenizer.backend_tokenizer.to_str()
