@@ -341,7 +341,7 @@ def _print_gain(result) -> None:
 @click.option("--fusion-bundle", "fusion_bundles", multiple=True, type=click.Path(file_okay=False),
               help="With --fused: a trained fusion head to include (repeatable; heads stored in the model are included).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes (0: a thread of this process).")
 @click.option("--runtime", default="auto", show_default=True, callback=registered("runtime"),
               help="torch, onnx, a plugin's (see `mmretrieve plugins`), or auto (onnx for an export folder, else torch).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
@@ -414,7 +414,7 @@ def _evaluate_fused(model_ref, captions, weights, fusion_bundles, batch_size, wo
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False), help="Folder to cache the towers' features in (reused).")
-@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes.")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Image decoding processes (0: a thread of this process).")
 @click.option("--device", help="torch device for the towers (default: cuda when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print one report per head as JSON.")
 def train_fusion(model_ref, data, strategies, out, epochs, batch_size, lr, seed, cache, workers, device, as_json):
@@ -546,7 +546,7 @@ def _index_model(folder: Path, rebuild: bool) -> str:
               help="Index the captions of this data file instead of images (for image->text search).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None,
-              help="Decoding processes (default: none on up to 2 cores, else cores - 1); with --engine ray, encoder actors (default: the cluster's CPUs).")
+              help="Decoding processes (default: none on up to 2 cores, else cores - 1; 0 decodes in a thread of this process); with --engine ray, encoder actors (default: the cluster's CPUs).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where images are embedded: this machine, or a Ray cluster (pip install \"mmretrieve[ray]\"); "
                    "every Ray node must read PATH and the model at the same paths.")

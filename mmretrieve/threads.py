@@ -17,10 +17,11 @@ Overrides, strongest first: an explicit argument (``--threads``, ``threads=``), 
 faiss read it themselves too); ``MMRETRIEVE_ORT_THREADS`` still sets onnxruntime's alone and
 ``MMRETRIEVE_ORT_SPINNING=1``/``0`` its spinning.
 
-Decode workers for ``index``: on 2 cores, decoding in the embedding process (0 workers) indexed
-at least as fast as 1 or 2 worker processes, with uint8 pixels as with float32 (interleaved
-``benchmarks/index_throughput.py --workers 0,1,2``, docs/benchmarks.md "Decoding as uint8"):
-onnxruntime already uses both cores, and a worker only adds hand-over. Above 2 cores
+Decode workers for ``index``: on 2 cores, decoding in the embedding process (0 workers: one
+thread decoding ahead, mmretrieve.decode) indexed faster than 1 or 2 worker processes
+(interleaved ``benchmarks/index_throughput.py --workers 0,1,inline``: 294.6 img/s with 0 workers,
+278.9 decoding between batches, 223.9 with 1 worker; docs/benchmarks.md "Decoding ahead in a
+thread"): onnxruntime already uses both cores, and a process only adds hand-over. Above 2 cores
 (not measured here) cores - 1 workers keep the decoding off the embedding process.
 
 ``use_policy(job)`` is called by each entry point (CLI commands, ``mmretrieve.api``, the server);
