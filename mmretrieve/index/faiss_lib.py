@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 from ..atomic import write_bytes_atomic
 from ..errors import MMRetrieveError
+from ..threads import current_policy
 
 
 @functools.cache
@@ -26,6 +29,28 @@ def faiss() -> ModuleType:
             "run `pip install faiss-cpu` and try again"
         ) from exc
     return module
+
+
+@contextlib.contextmanager
+def search_threads(n_queries: int) -> Iterator[None]:
+    """faiss's OpenMP threads, for a search of ``n_queries``, as the thread policy says.
+
+    A faiss search forks an OpenMP team even for one query (IndexIDMap2's id translation, HNSW's
+    and IVF's loops over queries): waking a thread per core cost more than the search itself
+    (2.9x a warm flat query on 2 cores), so a few queries use one thread. OpenMP keeps the count
+    per calling thread, so it is set on the thread that searches and put back after (torch may
+    share the OpenMP runtime and read the same setting).
+    """
+    module = faiss()
+    before, wanted = module.omp_get_max_threads(), current_policy().faiss_threads(n_queries)
+    if wanted == before:
+        yield
+        return
+    module.omp_set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        module.omp_set_num_threads(before)
 
 
 def write_index_file(index: object, path: Path) -> None:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..threads import current_policy
 from .base import VectorIndex
-from .faiss_lib import faiss, read_index_file, write_index_file
+from .faiss_lib import faiss, read_index_file, search_threads, write_index_file
 from .idmap import SortedIds
 
 FAISS_FILE = "flat.faiss"
@@ -40,19 +39,8 @@ class FlatIndex(VectorIndex):
         self._live.discard(ids)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # IndexIDMap2 maps ids in an OpenMP loop on every search: waking a thread per core for a few
-        # queries cost more than the search (2.9x a warm query on 2 cores), so few queries use one.
-        # OpenMP keeps the count per calling thread, so it is set here, on the thread that searches,
-        # and put back after (torch may share the OpenMP runtime and read the same setting).
-        module = faiss()
-        before, wanted = module.omp_get_max_threads(), current_policy().faiss_threads(len(queries))
-        if wanted == before:
+        with search_threads(len(queries)):
             return self._index.search(queries, k)
-        module.omp_set_num_threads(wanted)
-        try:
-            return self._index.search(queries, k)
-        finally:
-            module.omp_set_num_threads(before)
 
     def memory_bytes(self) -> int:
         n = self._index.ntotal
