@@ -1,7 +1,7 @@
 """Step 3 of the `default` recipe: (re)build a trained bundle's label bridge with its own text tower.
 
 Reads default-model.toml's ``[model.bridge]`` settings and ``bridge_weights``, loads a trained
-bundle (step 2's, whose MiniLM's last two layers were fine-tuned; or any heads-only bundle), gives
+bundle (step 2's, whose MiniLM layers were fine-tuned; or any heads-only bundle), gives
 it the bridge (``mmretrieve.model.add_bridge``: the EfficientNet-Lite0 classifier from this
 plugin's wheel, ImageNet's class names embedded by the bundle's own text tower, so the class
 vectors and the queries come from the same tower), validates each mixing weight on the recipe's
