@@ -71,7 +71,7 @@ def decode_images(paths: Iterable[str], preprocessor, workers: int = 0, read_ahe
     """``decode_one`` over ``paths`` in ``workers`` processes, results in input order. With 0 workers
     one thread of this process decodes ahead of the caller: Pillow's decoding and resampling and
     hashlib release the GIL, so decoding fills the gaps onnxruntime's threads leave, without the
-    hand-over to a process (on 2 cores 1.09x the images/s of decoding between batches;
+    hand-over to a process (on 2 cores 1.06-1.11x the images/s of decoding between batches;
     docs/benchmarks.md "Decoding ahead in a thread")."""
     if workers <= 0:
         return ordered_map(partial(decode_one, preprocessor=preprocessor), paths, 1, read_ahead=read_ahead,
