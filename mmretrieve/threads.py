@@ -12,6 +12,9 @@ and image-decoding processes want the same cores. Measured on 2 cores, a warm te
     serve     cores - 1                off       cores - 1      cores-1  -
     other     cores                    on        cores          cores    as given
 
+faiss's threads are for builds and batches of queries; in every job fewer than 20 queries on the
+flat index take one (``faiss_threads``; hnsw and ivfpq measured no gain and keep faiss's own).
+
 Overrides, strongest first: an explicit argument (``--threads``, ``threads=``), then
 ``MMRETRIEVE_THREADS`` (threads for every engine), then ``OMP_NUM_THREADS`` (likewise; torch and
 faiss read it themselves too); ``MMRETRIEVE_ORT_THREADS`` still sets onnxruntime's alone and

@@ -35,11 +35,11 @@ def faiss() -> ModuleType:
 def search_threads(n_queries: int) -> Iterator[None]:
     """faiss's OpenMP threads, for a search of ``n_queries``, as the thread policy says.
 
-    A faiss search forks an OpenMP team even for one query (IndexIDMap2's id translation, HNSW's
-    and IVF's loops over queries): waking a thread per core cost more than the search itself
-    (2.9x a warm flat query on 2 cores), so a few queries use one thread. OpenMP keeps the count
-    per calling thread, so it is set on the thread that searches and put back after (torch may
-    share the OpenMP runtime and read the same setting).
+    IndexIDMap2 (the flat index) translates ids in an OpenMP loop on every search: waking a thread
+    per core for a few queries cost more than the search, 1.55x a warm text query on 2 cores
+    (benchmarks/faiss_search_threads.py). hnsw and ivfpq measured 0.99x and 0.97x there, so they
+    keep faiss's own threads. OpenMP keeps the count per calling thread, so it is set on the thread
+    that searches and put back after (torch may share the OpenMP runtime and read the same setting).
     """
     module = faiss()
     before, wanted = module.omp_get_max_threads(), current_policy().faiss_threads(n_queries)

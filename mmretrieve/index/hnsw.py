@@ -17,7 +17,7 @@ import numpy as np
 from ..atomic import write_npy_atomic
 from ..errors import ConfigError
 from .base import VectorIndex
-from .faiss_lib import faiss, read_index_file, search_threads, write_index_file
+from .faiss_lib import faiss, read_index_file, write_index_file
 from .idmap import SortedIds
 from .npy import read_npy
 
@@ -106,8 +106,7 @@ class HNSWIndex(VectorIndex):
         return params
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        with search_threads(len(queries)):
-            scores, rows = self._index.search(queries, k, params=self._search_params())
+        scores, rows = self._index.search(queries, k, params=self._search_params())
         # A -1 row is faiss's own padding; a tombstoned row maps to -1 too, in case a
         # selector-less search ever returned one.
         ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)

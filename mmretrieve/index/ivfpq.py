@@ -38,7 +38,7 @@ from ..atomic import write_npy_atomic
 from ..errors import ConfigError, InputError
 from ..progress import progress_bar
 from .base import VectorIndex, as_vectors, padding, top_k_indices
-from .faiss_lib import faiss, read_index_file, search_threads, write_index_file
+from .faiss_lib import faiss, read_index_file, write_index_file
 from .idmap import SortedIds
 from .npy import read_npy
 from .vector_file import VectorFile
@@ -263,8 +263,7 @@ class IVFPQIndex(VectorIndex):
         params.nprobe = self.options["nprobe"]
         rerank = self.options["rerank"]
         candidates = max(k * rerank, RERANK_MIN_CANDIDATES) if rerank else k
-        with search_threads(len(queries)):
-            scores, rows = self._index.search(queries, candidates, params=params)
+        scores, rows = self._index.search(queries, candidates, params=params)
         if rerank:
             scores, rows = self._rerank(queries, rows, k)
         return scores, np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
