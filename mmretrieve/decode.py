@@ -1,7 +1,7 @@
 """The one decoding pool: images read, decoded and preprocessed in workers, in input order.
 
 ``decode_images(paths, preprocessor, workers)`` is what every reader uses (the indexer, eval,
-``mmretrieve embed``, training's feature cache): each path becomes a ``Decoded`` with its pixels,
+``mmretrieve embed``, training's feature cache; a Ray actor calls ``decode_one`` per image): each path becomes a ``Decoded`` with its pixels,
 or with the reason it could not be used; nothing raises. Pixels are the resized, cropped image as
 uint8 (``ImagePreprocessor.resize_crop``): a quarter of the float32 bytes to send from a worker;
 the embedder normalises them (in the ONNX graph, or ``ImagePreprocessor.normalize``). ``ordered_map`` is the pool underneath,

@@ -75,7 +75,10 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
     one per image, after its batch has been handled. ``strict`` raises InputError naming the
     first image that fails, instead of reporting it.
     """
-    decoded_stream = decode_images(paths, preprocessor, workers, read_ahead=max(2 * batch_size, 16))
+    # processes keep two batches in flight; the thread of 0 workers one (the batch being embedded
+    # is all it has to overlap), so memory stays one batch above what is embedded
+    read_ahead = max(2 * batch_size, 16) if workers > 0 else batch_size
+    decoded_stream = decode_images(paths, preprocessor, workers, read_ahead=read_ahead)
     batch: list[Decoded] = []
     failed: list[Decoded] = []
     for image in decoded_stream:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from mmretrieve.bundle import read_bundle_info, save_bundle  # noqa: E402
 from mmretrieve.cli import cli  # noqa: E402
-from mmretrieve.errors import MMRetrieveError  # noqa: E402
+from mmretrieve.errors import InputError, MMRetrieveError  # noqa: E402
 from mmretrieve.export import ExportError, ParityError, read_export_info  # noqa: E402
 from mmretrieve.export.exporter import export_model  # noqa: E402
 from mmretrieve.index.builder import index_images  # noqa: E402
@@ -256,6 +256,8 @@ def test_images_run_in_runs_of_the_sub_batch_on_cpu_with_the_same_rows(exported)
     assert sizes == [8, 8, 3]
     whole = OnnxEmbedder(exported, device="cpu", image_sub_batch=None).embed_pixels(pixels)
     assert in_runs.shape == whole.shape and np.abs(in_runs - whole).max() < 1e-5
+    with pytest.raises(InputError, match="image_sub_batch must be at least 1"):
+        OnnxEmbedder(exported, device="cpu", image_sub_batch=0)  # would embed no rows at all
 
 
 def test_runtime_choice_and_its_mistakes(bundle, exported):

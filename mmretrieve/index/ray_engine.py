@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..decode import Decoded, decode_images
+from ..decode import Decoded, decode_one
 from ..embedding import ImageBatch
 from ..errors import InputError, MMRetrieveError
 
@@ -232,7 +232,8 @@ class EmbedWorker:
         if self.problem is not None:
             images = [Decoded(path, None, error=str(self.problem)) for path in paths]
         else:
-            images = list(decode_images(paths, self.embedder.image_preprocessor))
+            # here, one after another: nothing else runs to overlap with (Ray overlaps the actors)
+            images = [decode_one(path, self.embedder.image_preprocessor) for path in paths]
         vectors = np.zeros((len(images), self.dim), dtype=np.float32)
         good = [i for i, image in enumerate(images) if image.error is None]
         if good:

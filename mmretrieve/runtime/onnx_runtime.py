@@ -35,7 +35,7 @@ CHUNK = 256  # rows per session.run: bounds memory for long lists
 # padding; runs of 8 similar lengths embedded 1.2x more captions/s (onnxruntime's per-run cost is small).
 TEXT_SUB_BATCH = 8
 # Images per run on CPU: a batch of 32 224 px images overflows the caches between layers. On 2
-# quiet cores runs of 4 embedded 1.27x the images/s of one run, runs of 8 1.19x and of 16 1.09x
+# quiet cores runs of 4 embedded 1.31x the images/s of one run, runs of 8 1.17x and of 16 1.14x
 # (benchmarks/ort_towers.py, docs/benchmarks.md "Images in runs"). A GPU keeps the batch whole.
 IMAGE_SUB_BATCH = 4
 
@@ -128,6 +128,9 @@ class OnnxEmbedder:
         self._providers = choose_providers(self._ort, device)
         self._options = session_options(self._ort, threads, optimization)
         self._sessions: dict[str, Any] = {}
+        for name, value in (("text_sub_batch", text_sub_batch), ("image_sub_batch", image_sub_batch)):
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be at least 1 (or None), not {value}")
         self.text_sub_batch = text_sub_batch  # None: run each batch as given, padded to its longest text
         self.image_sub_batch = image_sub_batch  # None: run each batch (up to CHUNK) as given
 
