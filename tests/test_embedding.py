@@ -70,6 +70,26 @@ def test_the_decode_pool_sends_uint8_pixels_that_normalise_to_the_float_transfor
         assert np.array_equal(preprocessor.normalize(d.pixels), preprocessor.transform(load_image(d.path)))
 
 
+def test_without_workers_one_thread_decodes_ahead_in_order_and_stops_when_closed(mixed_paths):
+    import threading
+    import time
+
+    from mmretrieve.decode import decode_images
+
+    before = threading.active_count()
+    stream = decode_images(mixed_paths * 4, SizePreprocessor(), workers=0, read_ahead=3)
+    first = next(stream)
+    assert Path(first.path).name == "a.png" and threading.active_count() > before  # a pool thread decodes
+    rest = [next(stream) for _ in range(7)]
+    assert [Path(d.path).name for d in [first] + rest] == [Path(p).name for p in mixed_paths + mixed_paths[:2]]
+    stream.close()  # an abandoned run (an error, Ctrl-C) must not leave the pool's threads behind
+    for _ in range(100):
+        if threading.active_count() == before:
+            break
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
 def test_strict_image_embedding_names_the_first_image_that_fails(mixed_paths):
     from mmretrieve.embedding import embed_image_paths
 

@@ -256,6 +256,13 @@ def test_images_run_in_runs_of_the_sub_batch_on_cpu_with_the_same_rows(exported)
     assert sizes == [8, 8, 3]
     whole = OnnxEmbedder(exported, device="cpu", image_sub_batch=None).embed_pixels(pixels)
     assert in_runs.shape == whole.shape and np.abs(in_runs - whole).max() < 1e-5
+    # on a GPU provider the batch stays one run
+    on_gpu = OnnxEmbedder(exported, device="cpu", image_sub_batch=8)
+    session, sizes = on_gpu.session("image"), []
+    on_gpu._sessions["image"] = type("OnGpu", (), {
+        "get_providers": lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "run": lambda self, names, feeds: sizes.append(len(next(iter(feeds.values())))) or session.run(names, feeds)})()
+    assert np.abs(on_gpu.embed_pixels(pixels) - whole).max() < 1e-5 and sizes == [19]
     with pytest.raises(InputError, match="image_sub_batch must be at least 1"):
         OnnxEmbedder(exported, device="cpu", image_sub_batch=0)  # would embed no rows at all
 
