@@ -1,11 +1,13 @@
 """The one decoding pool: images read, decoded and preprocessed in workers, in input order.
 
 ``decode_images(paths, preprocessor, workers)`` is what every reader uses (the indexer, eval,
-``mmretrieve embed``, training's feature cache; a Ray actor calls ``decode_one`` per image): each path becomes a ``Decoded`` with its pixels,
-or with the reason it could not be used; nothing raises. Pixels are the resized, cropped image as
-uint8 (``ImagePreprocessor.resize_crop``): a quarter of the float32 bytes to send from a worker;
-the embedder normalises them (in the ONNX graph, or ``ImagePreprocessor.normalize``). ``ordered_map`` is the pool underneath,
-worker processes by default (preprocessing holds the GIL), threads where the work releases it.
+``mmretrieve embed``, training's feature cache; a Ray actor calls ``decode_one`` per image):
+each path becomes a ``Decoded`` with its pixels, or with the reason it could not be used;
+nothing raises. Pixels are the resized, cropped image as uint8
+(``ImagePreprocessor.resize_crop``): a quarter of the float32 bytes to send from a worker; the
+embedder normalises them (in the ONNX graph, or ``ImagePreprocessor.normalize``).
+``ordered_map`` is the pool underneath: worker processes (the Python around each decode holds
+the GIL, so several decoders need processes), or one thread for 0 workers (decode_images).
 Only regular files under the size limit of ``mmretrieve.images`` are read.
 """
 
