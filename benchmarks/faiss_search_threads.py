@@ -1,6 +1,6 @@
 """A warm text query on every faiss index kind: faiss's OpenMP threads as the search policy sets
-them for a few queries (one thread below 20; mmretrieve.index.faiss_lib.search_threads) against a
-thread per core (faiss's default; the policy with that rule switched off). The flat index follows
+them for a few queries (one thread below 20; ThreadPolicy.faiss_threads) against a thread per
+core (faiss's default; the policy with that rule switched off). The flat index follows
 the rule; hnsw and ivfpq keep faiss's threads, and this script is why.
 
 A query is what `search` does per query: the caption embedded by the export's text tower in

@@ -33,7 +33,7 @@ from mmretrieve.decode import decode_one
 from mmretrieve.images import list_images, load_image
 from mmretrieve.index.builder import index_images
 from mmretrieve.runtime import load_embedder
-from mmretrieve.threads import use_policy
+from mmretrieve.threads import available_cores, use_policy
 
 DECODE = mmretrieve.embedding.decode_images
 
@@ -124,7 +124,7 @@ def main() -> None:
         print(f"\nend to end vs encoder-only, {workers} workers: {full:.1f} / {encoder:.1f} img/s = "
               f"{full / encoder:.1%} (target >= 85%)")
     # The most any overlap can give: every core busy with the encoder's and the decoding's CPU work.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     enc_ms, dec_ms = statistics.median(encoder_cpu), statistics.median(decode_cpu)
     ceiling = min(encoder, 1000 * cores / (enc_ms + dec_ms))
     print(f"\nCPU per image (medians): encoder {enc_ms:.2f} ms ({enc_ms * encoder / 1000:.2f} of {cores} cores "

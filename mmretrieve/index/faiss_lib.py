@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 from ..atomic import write_bytes_atomic
 from ..errors import MMRetrieveError
-from ..threads import current_policy
 
 
 @functools.cache
@@ -29,28 +26,6 @@ def faiss() -> ModuleType:
             "run `pip install faiss-cpu` and try again"
         ) from exc
     return module
-
-
-@contextlib.contextmanager
-def search_threads(n_queries: int) -> Iterator[None]:
-    """faiss's OpenMP threads, for a search of ``n_queries``, as the thread policy says.
-
-    IndexIDMap2 (the flat index) translates ids in an OpenMP loop on every search: waking a thread
-    per core for a few queries cost more than the search, 1.55x a warm text query on 2 cores
-    (benchmarks/faiss_search_threads.py). hnsw and ivfpq measured 0.99x and 0.97x there, so they
-    keep faiss's own threads. OpenMP keeps the count per calling thread, so it is set on the thread
-    that searches and put back after (torch may share the OpenMP runtime and read the same setting).
-    """
-    module = faiss()
-    before, wanted = module.omp_get_max_threads(), current_policy().faiss_threads(n_queries)
-    if wanted == before:
-        yield
-        return
-    module.omp_set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        module.omp_set_num_threads(before)
 
 
 def write_index_file(index: object, path: Path) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..threads import current_policy
 from .base import VectorIndex
-from .faiss_lib import faiss, read_index_file, search_threads, write_index_file
+from .faiss_lib import faiss, read_index_file, write_index_file
 from .idmap import SortedIds
 
 FAISS_FILE = "flat.faiss"
@@ -39,8 +40,20 @@ class FlatIndex(VectorIndex):
         self._live.discard(ids)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        with search_threads(len(queries)):
+        # IndexIDMap2 maps ids in an OpenMP loop on every search: waking a thread per core for a few
+        # queries cost more than the search (a warm text query 1.55x on 2 cores; hnsw and ivfpq
+        # gained nothing: benchmarks/faiss_search_threads.py), so few queries use one.
+        # OpenMP keeps the count per calling thread, so it is set here, on the thread that searches,
+        # and put back after (torch may share the OpenMP runtime and read the same setting).
+        module = faiss()
+        before, wanted = module.omp_get_max_threads(), current_policy().faiss_threads(len(queries))
+        if wanted == before:
             return self._index.search(queries, k)
+        module.omp_set_num_threads(wanted)
+        try:
+            return self._index.search(queries, k)
+        finally:
+            module.omp_set_num_threads(before)
 
     def memory_bytes(self) -> int:
         n = self._index.ntotal
