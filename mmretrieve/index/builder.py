@@ -367,13 +367,16 @@ def _old_link_records(scan: Scan, known: dict, scope: str, roots: list[str]) -> 
     folders = [folder for folder in [scope, *roots] if isinstance(folder, str)]
     prefixes = tuple(folder.rstrip("/") + "/" for folder in folders)
     inside = lambda path: path in folders or path.startswith(prefixes)  # noqa: E731
+    outside = [path for path in known if not inside(path)]
+    if not outside:  # nothing recorded outside can be an old link's target: no link need be resolved
+        return []
     targets = {os.path.realpath(link) for link in scan.links}
     targets = sorted(t for t in targets if not inside(t))
     if not targets:
         return []
     folders = tuple(t.rstrip("/") + "/" for t in targets)
     exact = set(targets)
-    return [path for path in known if not inside(path) and (path in exact or path.startswith(folders))]
+    return [path for path in outside if path in exact or path.startswith(folders)]
 
 
 def _check_captioned(root: Path, found: list[FileState], captions: dict[str, list[str]]) -> None:

@@ -193,8 +193,10 @@ class _Walker:
         is_folder = stat.S_ISDIR(info.st_mode)
         if not is_folder and not self.candidate(relative):
             return
-        target = os.path.realpath(path)
-        if not self.follow_links and not _inside(target, self.base):
+        # Resolving walks every component of the path with lstat (0.07 ms a link on the benchmark's
+        # data), so only a scan that must keep links inside the folder resolves them.
+        target = None if self.follow_links else os.path.realpath(path)
+        if target is not None and not _inside(target, self.base):
             self.skip(path, f"a link to {target}, outside the folder; pass --follow-links to index it")
         elif not is_folder:
             self.add_file(path, info)
