@@ -10,6 +10,7 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -73,6 +74,36 @@ class ImagePreprocessConfig:
                    mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
 
 
+@functools.lru_cache(maxsize=4096)  # photos come in a few sizes; Fraction arithmetic is ~20 us
+def _exact_crop(source: int, resized: int, offset: int, size: int) -> tuple[float, float] | None:
+    """The crop ``[offset, offset + size)`` of an axis resized from ``source`` to ``resized``
+    pixels, in source coordinates, when resampling only it gives the whole axis's values there:
+    Pillow takes a box as float32, so the scale and both ends must be exact in float32 (then every
+    filter centre is the same double). A square photo's axes are (scale 256 at 224/0.875)."""
+    ratio = Fraction(source, resized)
+    start, end = offset * ratio, (offset + size) * ratio
+    if all(Fraction(float(np.float32(value))) == value for value in (ratio, start, end, end - start)):
+        return float(start), float(end)
+    return None
+
+
+def _horizontal_first(width: int, height: int, out_w: int, out_h: int) -> bool:
+    """Whether Pillow resamples rows before columns for this resize: the order rounds differently,
+    so a crop-only resize must take the order of the whole one. Pillow 13 runs the columns first
+    when the height shrinks more than twice as much as the width; earlier versions never do."""
+    if _pillow_major() < 13:
+        return True
+    shrink = height - out_h
+    return not (shrink > 0 and shrink > 2 * (width - out_w))
+
+
+@functools.cache
+def _pillow_major() -> int:
+    from PIL import __version__
+
+    return int(__version__.split(".")[0])
+
+
 class ImagePreprocessor:
     """Resize the shorter side, centre-crop, scale to [0, 1], normalise: timm's eval transform (and
     CLIP's, with crop_pct 1); or, with resize "squash", the whole image to the square (SigLIP's)."""
@@ -118,8 +149,22 @@ class ImagePreprocessor:
             left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         resample = _pil_interpolation()[self.config.interpolation]
         if new_w * new_h <= BOUNDED_ABOVE * size * size:
-            # Every ordinary photo (up to 3:1 at 224/0.875): bit-identical to timm's transform.
-            image = image.resize((new_w, new_h), resample).crop((left, top, left + size, top + size))
+            # Every ordinary photo (up to 3:1 at 224/0.875): bit-identical to timm's transform. An
+            # axis whose crop Pillow resamples exactly as the whole axis is resampled only over the
+            # crop (a square photo at 224/0.875: 0.77x the pixels, 0.55 ms against 0.70 ms).
+            across = _exact_crop(width, new_w, left, size)
+            down = _exact_crop(height, new_h, top, size)
+            out_w, out_h = (size if across else new_w), (size if down else new_h)
+            if (across or down) and _horizontal_first(width, height, out_w, out_h) == \
+                    _horizontal_first(width, height, new_w, new_h):
+                x0, x1 = across or (0, width)
+                y0, y1 = down or (0, height)
+                image = image.resize((out_w, out_h), resample, box=(x0, y0, x1, y1))
+                left, top = (0 if across else left), (0 if down else top)
+            else:
+                image = image.resize((new_w, new_h), resample)
+            if image.size != (size, size):
+                image = image.crop((left, top, left + size, top + size))
         else:
             # The crop box in source coordinates; Pillow resamples it (reading filter support
             # from beyond the box, as the full resize would), so nothing larger is ever made.

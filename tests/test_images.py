@@ -108,13 +108,30 @@ def _resize_then_crop(image, config):
 def test_ordinary_photos_preprocess_bit_identical_to_resize_then_crop(interpolation):
     from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
 
-    for size in (224, 64):
-        config = ImagePreprocessConfig(size=size, interpolation=interpolation)
+    # squares and near-squares resample only the crop on one axis or both; (256, 243) and (2000, 1200)
+    # are where Pillow 13 orders its two passes differently for the crop than for the whole image
+    shapes = [(640, 480), (480, 640), (500, 500), (1920, 1080), (97, 61), (30, 90), (1000, 334), (4032, 3024),
+              (224, 224), (256, 243), (243, 256), (1200, 2000), (2000, 1200), (333, 333)]
+    for size, crop_pct in ((224, 0.875), (64, 0.875), (224, 0.9), (224, 1.0)):
+        config = ImagePreprocessConfig(size=size, crop_pct=crop_pct, interpolation=interpolation)
         preprocessor = ImagePreprocessor(config)
-        for seed, shape in enumerate([(640, 480), (480, 640), (500, 500), (1920, 1080), (97, 61), (30, 90),
-                                      (1000, 334), (4032, 3024)]):
+        for seed, shape in enumerate(shapes):
             image = random_image(seed, shape)
             assert np.array_equal(preprocessor.transform(image), _resize_then_crop(image, config)), (size, shape)
+
+
+def test_a_square_photo_resamples_only_the_crop(monkeypatch):
+    """At 224/0.875 a square's crop is exact in Pillow's float32 box: 224 x 224 pixels are made,
+    not 256 x 256 (0.77x the resampling)."""
+    from mmretrieve.preprocess import ImagePreprocessConfig, ImagePreprocessor
+
+    made = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: made.append(size) or resize(self, size, *a, **k))
+    preprocessor = ImagePreprocessor(ImagePreprocessConfig())
+    for shape in ((224, 224), (500, 500), (640, 480)):
+        preprocessor.resize_crop(random_image(0, shape))
+    assert made == [(224, 224), (224, 224), (341, 224)]  # a landscape photo: only its height is cropped
 
 
 @pytest.mark.parametrize("settings", [{}, {"interpolation": "bilinear", "size": 64},
