@@ -6,14 +6,16 @@ decode in worker processes, embed, SQLite, FAISS, publish). Runs alternate, and 
 gives each run and the ratio of medians. Target: end to end >= 85% of encoder-only. ``--workers``
 takes a list (``0,1,2``): each round then runs end to end once per decode-worker count, and each
 count gets its ratio; ``inline`` in the list is 0 workers decoding between batches in the calling
-thread (as before one thread decoded ahead; docs/benchmarks.md "Decoding ahead in a thread").
+thread (as before one thread decoded ahead; docs/benchmarks.md "Decoding ahead in a thread"), and
+``serial`` 0 workers decoding ahead but embedding in the calling thread between the records of each
+batch (as before the next batch was embedded while the indexer records one).
 Encoder-only is fed what the decode pool sends (uint8 from ``resize_crop``). The process takes
 the ``index`` command's thread policy (mmretrieve.threads). It also prints the CPU time per image
 of the encoder (every thread) and of decoding (one image after another), and the ceiling they
 set: no overlap of the two can index faster than cores / (their sum).
 
     python benchmarks/index_throughput.py --model runs/x/best [--images DIR] [--limit 300] [--rounds 2]
-        [--workers 0,1,2,inline]
+        [--workers 0,1,2,inline,serial]
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ from pathlib import Path
 import numpy as np
 
 import mmretrieve.embedding
+import mmretrieve.index.builder
 from mmretrieve.decode import decode_one
+from mmretrieve.embedding import ImageBatch
 from mmretrieve.images import list_images, load_image
 from mmretrieve.index.builder import index_images
 from mmretrieve.runtime import load_embedder
 from mmretrieve.threads import available_cores, use_policy
 
 DECODE = mmretrieve.embedding.decode_images
+BATCHES = mmretrieve.index.builder.embed_image_batches
 
 
 def inline_decode(paths, preprocessor, workers=0, read_ahead=64):
@@ -43,7 +48,21 @@ def inline_decode(paths, preprocessor, workers=0, read_ahead=64):
     return (decode_one(path, preprocessor) for path in paths)
 
 
-EARLIER = {"inline": inline_decode}
+def serial_batches(paths, preprocessor, embed_pixels, batch_size, workers=0, bar=None, strict=False):
+    """Embedding in the caller's thread between the indexer's records of each batch (what
+    embed_image_batches did before it embedded the next batch on a thread of its own)."""
+    decoded = DECODE(paths, preprocessor, workers, read_ahead=batch_size)
+    batch, failed = [], []
+    for image in decoded:
+        (failed if image.error else batch).append(image)
+        if len(batch) >= batch_size:
+            yield ImageBatch(batch, embed_pixels(np.stack([d.pixels for d in batch])), failed, final=False)
+            batch, failed = [], []
+    yield ImageBatch(batch, embed_pixels(np.stack([d.pixels for d in batch])) if batch else None, failed, final=True)
+
+
+EARLIER = {"inline": inline_decode}  # decoding variants, 0 workers
+SERIAL = {"serial": serial_batches}  # embedding variants, 0 workers decoding ahead
 
 
 def encoder_only(embedder, pixels: np.ndarray, batch_size: int) -> tuple[float, float]:
@@ -64,15 +83,17 @@ def decode_cpu_ms(paths: list[Path], preprocessor) -> float:
 
 def end_to_end(embedder, folder: Path, batch_size: int, workers: str) -> float:
     mmretrieve.embedding.decode_images = EARLIER.get(workers, DECODE)
+    mmretrieve.index.builder.embed_image_batches = SERIAL.get(workers, BATCHES)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             report = index_images(folder, Path(tmp) / "index", embedder, batch_size=batch_size,
-                                  workers=0 if workers in EARLIER else int(workers),
+                                  workers=int(workers) if workers.isdigit() else 0,
                                   progress=False, follow_links=True)  # the subset is links to the data
             return report.total / (time.perf_counter() - started)
     finally:
         mmretrieve.embedding.decode_images = DECODE
+        mmretrieve.index.builder.embed_image_batches = BATCHES
 
 
 def main() -> None:
@@ -87,8 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     worker_counts = [w.strip() for w in str(args.workers).split(",")]
-    if any(w not in EARLIER and not w.isdigit() for w in worker_counts):
-        parser.error("--workers takes whole numbers and 'inline', separated by commas")
+    if any(w not in EARLIER and w not in SERIAL and not w.isdigit() for w in worker_counts):
+        parser.error("--workers takes whole numbers, 'inline' and 'serial', separated by commas")
     use_policy("index")
     load_before = os.getloadavg()
     embedder = load_embedder(args.model, args.runtime)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -72,13 +73,39 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
     (``embed_pixels`` gets uint8 (n, size, size, 3), as ``EmbedderProtocol.embed_pixels`` takes).
 
     Every image ends up in exactly one batch's ``decoded`` or ``failed``; the bar advances by
-    one per image, after its batch has been handled. ``strict`` raises InputError naming the
+    a batch's images when its vectors are handed over. ``strict`` raises InputError naming the
     first image that fails, instead of reporting it.
+
+    While the caller handles one batch (the indexer records it in SQLite), the next is already
+    being embedded on a second thread: onnxruntime and torch release the GIL, so the engine no
+    longer idles between batches (docs/benchmarks.md, "Embedding while the caller records").
+    ``embed_pixels`` is therefore called from that thread, one batch at a time, in order.
     """
     # processes keep two batches in flight; the thread of 0 workers one (the batch being embedded
     # is all it has to overlap), so memory stays one batch above what is embedded
     read_ahead = max(2 * batch_size, 16) if workers > 0 else batch_size
     decoded_stream = decode_images(paths, preprocessor, workers, read_ahead=read_ahead)
+    embedding = ThreadPoolExecutor(1, thread_name_prefix="mmretrieve-embed")
+    running = None  # (images, failed, future of their vectors): the batch on the embedding thread
+    try:
+        for images, failed, final in _image_groups(decoded_stream, batch_size, strict):
+            future = embedding.submit(embed_pixels, np.stack([d.pixels for d in images])) if images else None
+            if running is not None:
+                yield _finished(*running, final=False, bar=bar)
+            running = (images, failed, future)
+            if final:
+                yield _finished(*running, final=True, bar=bar)
+    finally:
+        if running is not None and running[2] is not None:
+            running[2].cancel()
+        embedding.shutdown(wait=True)  # a batch already running finishes; nothing else starts
+        decoded_stream.close()
+
+
+def _image_groups(decoded_stream: Iterator[Decoded], batch_size: int,
+                  strict: bool) -> Iterator[tuple[list[Decoded], list[Decoded], bool]]:
+    """(images, failed since the previous group, final) from the decoded stream: groups of
+    ``batch_size`` images, then a final group that may hold fewer, only failures, or nothing."""
     batch: list[Decoded] = []
     failed: list[Decoded] = []
     for image in decoded_stream:
@@ -89,11 +116,16 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
         else:
             batch.append(image)
         if len(batch) >= batch_size:
-            yield ImageBatch(batch, embed_pixels(np.stack([d.pixels for d in batch])), failed, final=False)
+            yield batch, failed, False
             batch, failed = [], []
-        if bar is not None:
-            bar.update(1)
-    yield ImageBatch(batch, embed_pixels(np.stack([d.pixels for d in batch])) if batch else None, failed, final=True)
+    yield batch, failed, True
+
+
+def _finished(images: list[Decoded], failed: list[Decoded], future, final: bool, bar) -> ImageBatch:
+    batch = ImageBatch(images, future.result() if future is not None else None, failed, final)
+    if bar is not None:
+        bar.update(len(images) + len(failed))
+    return batch
 
 
 def embed_image_paths(paths: Iterable[str], preprocessor, embed_pixels: Callable[[np.ndarray], np.ndarray],
@@ -114,7 +146,17 @@ def embed_image_paths(paths: Iterable[str], preprocessor, embed_pixels: Callable
 def auto_device() -> torch.device:
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _pinned(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _pinned(device: torch.device) -> torch.device:
+    """``cuda`` as the GPU this thread uses now (``cuda:N``): "cuda" alone means the current GPU of
+    whichever thread runs, and embed_image_batches runs the model on a thread of its own."""
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def torch_rows(module, forward: Callable, device=None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -122,7 +164,7 @@ def torch_rows(module, forward: Callable, device=None) -> Callable[[dict[str, np
     ``device`` (default: the best one) in eval mode, ``forward`` run without autograd."""
     import torch
 
-    device = torch.device(device) if device is not None else auto_device()
+    device = _pinned(torch.device(device) if device is not None else auto_device())
     module.to(device).eval()
 
     def run(arrays: dict[str, np.ndarray]) -> np.ndarray:

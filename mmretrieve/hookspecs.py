@@ -174,7 +174,10 @@ class EmbedderProtocol(Protocol):
         indexer, eval and ``embed``); a runtime normalises them itself (``image_preprocessor.normalize``
         gives the model's float input bit for bit, or its graph does). Normalised float32
         (n, 3, size, size), as ``image_preprocessor.transform`` makes, must still be accepted; an
-        ``image_preprocessor`` of the runtime's own with only ``transform`` gets that output."""
+        ``image_preprocessor`` of the runtime's own with only ``transform`` gets that output.
+        Bulk callers (``embedding.embed_image_batches``) call it from a thread of their own, one
+        batch at a time, while the caller records the previous batch: it must not depend on the
+        thread that built the embedder."""
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """n texts -> (n, embed_dim) L2-normalised float32."""

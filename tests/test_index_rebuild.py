@@ -137,17 +137,17 @@ def test_readers_see_the_old_index_until_the_rebuild_is_complete(holiday_index, 
     query = other.embed_images([messy_image_folder / "a.jpg"])
     old = state(holiday_index, other)
     seen_during = []
-    original = embedder.embed_pixels
+    original = IndexStore.stage
 
-    def embeds_and_looks(pixels):
+    def stages_and_looks(store, items, vectors):
         # In the middle of the rebuild (after a publish inside its new data folder): search.
         reader = IndexReader(holiday_index, embedder=other)
         seen_during.append((state(holiday_index, other), len(reader.search_vectors(query, k=10)[0])))
         reader.close()
         assert not early.refresh()  # nothing new has been published for readers
-        return original(pixels)
+        return original(store, items, vectors)
 
-    monkeypatch.setattr(embedder, "embed_pixels", embeds_and_looks)
+    monkeypatch.setattr(IndexStore, "stage", stages_and_looks)
     build(messy_image_folder, holiday_index, embedder, rebuild=True, batch_size=1, commit_every=2)
     assert len(seen_during) == len(GOOD_IMAGES)
     assert all(seen == (old, 3) for seen in seen_during)
