@@ -16,10 +16,10 @@ import contextlib
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -73,7 +73,7 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
     (``embed_pixels`` gets uint8 (n, size, size, 3), as ``EmbedderProtocol.embed_pixels`` takes).
 
     Every image ends up in exactly one batch's ``decoded`` or ``failed``; the bar advances by
-    a batch's images when its vectors are handed over. ``strict`` raises InputError naming the
+    a batch's images once the caller has handled it. ``strict`` raises InputError naming the
     first image that fails, instead of reporting it.
 
     While the caller handles one batch (the indexer records it in SQLite), the next is already
@@ -86,20 +86,29 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
     read_ahead = max(2 * batch_size, 16) if workers > 0 else batch_size
     decoded_stream = decode_images(paths, preprocessor, workers, read_ahead=read_ahead)
     embedding = ThreadPoolExecutor(1, thread_name_prefix="mmretrieve-embed")
-    running = None  # (images, failed, future of their vectors): the batch on the embedding thread
+    running: _Embedding | None = None  # the batch on the embedding thread
     try:
         for images, failed, final in _image_groups(decoded_stream, batch_size, strict):
-            future = embedding.submit(embed_pixels, np.stack([d.pixels for d in images])) if images else None
-            if running is not None:
-                yield _finished(*running, final=False, bar=bar)
-            running = (images, failed, future)
-            if final:
-                yield _finished(*running, final=True, bar=bar)
+            vectors = embedding.submit(embed_pixels, np.stack([d.pixels for d in images])) if images else None
+            previous, running = running, _Embedding(images, failed, vectors)
+            for done in ([previous] if previous else []) + ([running] if final else []):
+                yield done.batch(final=done is running)
+                if bar is not None:
+                    bar.update(len(done.images) + len(done.failed))
     finally:
-        if running is not None and running[2] is not None:
-            running[2].cancel()
+        if running is not None and running.vectors is not None:
+            running.vectors.cancel()
         embedding.shutdown(wait=True)  # a batch already running finishes; nothing else starts
         decoded_stream.close()
+
+
+class _Embedding(NamedTuple):
+    images: list[Decoded]
+    failed: list[Decoded]
+    vectors: Future | None  # of embed_pixels on the images; None when there are none
+
+    def batch(self, final: bool) -> ImageBatch:
+        return ImageBatch(self.images, self.vectors.result() if self.vectors else None, self.failed, final)
 
 
 def _image_groups(decoded_stream: Iterator[Decoded], batch_size: int,
@@ -119,13 +128,6 @@ def _image_groups(decoded_stream: Iterator[Decoded], batch_size: int,
             yield batch, failed, False
             batch, failed = [], []
     yield batch, failed, True
-
-
-def _finished(images: list[Decoded], failed: list[Decoded], future, final: bool, bar) -> ImageBatch:
-    batch = ImageBatch(images, future.result() if future is not None else None, failed, final)
-    if bar is not None:
-        bar.update(len(images) + len(failed))
-    return batch
 
 
 def embed_image_paths(paths: Iterable[str], preprocessor, embed_pixels: Callable[[np.ndarray], np.ndarray],

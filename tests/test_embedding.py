@@ -196,3 +196,53 @@ def test_callers_keep_no_loop_or_pool_of_their_own():
     for name in ("embed.py", "index/builder.py"):
         assert "range(0, len(" not in sources[name], name
     assert not (ROOT / "index" / "decode.py").exists()
+
+
+def test_the_next_image_batch_is_embedded_on_its_own_thread_while_the_caller_handles_one(mixed_paths):
+    """The indexer records a batch in SQLite while the engine already embeds the next: the second
+    embed_pixels call starts before the caller is done with the first batch."""
+    from mmretrieve.embedding import embed_image_batches
+
+    calls, second_started = [], threading.Event()
+
+    def embed(pixels):
+        calls.append(threading.get_ident())
+        if len(calls) == 2:
+            second_started.set()
+        return pixels * 10
+
+    bar, seen = Counter(), []
+    for batch in embed_image_batches(mixed_paths, SizePreprocessor(), embed, batch_size=1, bar=bar):
+        if not seen:
+            assert second_started.wait(10), "the next batch waited for the caller"
+        seen.append(([Path(d.path).name for d in batch.decoded], bar.n))
+    assert seen == [(["a.png"], 0), (["c.png"], 1), (["e.png"], 3), (["f.png"], 5), ([], 6)]  # each failure with its batch
+    assert threading.get_ident() not in calls and len(set(calls)) == 1  # one thread of its own, batches in order
+
+
+def test_an_embedding_error_reaches_the_caller_and_no_thread_outlives_the_batches(mixed_paths):
+    import time
+
+    from mmretrieve.embedding import embed_image_batches
+
+    before = threading.active_count()
+
+    def fails_on_second(pixels, calls=[]):  # noqa: B006 - counts across calls
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the engine broke")
+        return pixels
+
+    handled = []
+    with pytest.raises(RuntimeError, match="the engine broke"):
+        for batch in embed_image_batches(mixed_paths, SizePreprocessor(), fails_on_second, batch_size=1):
+            handled.append(Path(batch.decoded[0].path).name)
+    assert handled == ["a.png"]  # the batch before the failure was handed over whole, none after
+    stream = embed_image_batches(mixed_paths * 3, SizePreprocessor(), lambda p: p, batch_size=1)
+    next(stream)
+    stream.close()  # an abandoned run (Ctrl-C, an error in the caller)
+    for _ in range(100):
+        if threading.active_count() == before:
+            break
+        time.sleep(0.05)
+    assert threading.active_count() == before
