@@ -59,6 +59,11 @@ def embed_in_batches(items: Sequence[Any], embed_batch: Callable[[Sequence[Any]]
     return stack_rows([rows for _, rows in embed_batches(items, embed_batch, batch_size, bar)], dim)
 
 
+# The first image group's size: one run of onnxruntime's CPU sub-batch (OnnxEmbedder.IMAGE_SUB_BATCH),
+# so ramping up keeps every run whole.
+FIRST_GROUP = 4
+
+
 @dataclass
 class ImageBatch:
     decoded: list[Decoded]  # the images embedded, in input order
@@ -114,9 +119,13 @@ class _Embedding(NamedTuple):
 def _image_groups(decoded_stream: Iterator[Decoded], batch_size: int,
                   strict: bool) -> Iterator[tuple[list[Decoded], list[Decoded], bool]]:
     """(images, failed since the previous group, final) from the decoded stream: groups of
-    ``batch_size`` images, then a final group that may hold fewer, only failures, or nothing."""
+    ``batch_size`` images, then a final group that may hold fewer, only failures, or nothing.
+    The first groups grow from FIRST_GROUP images (4, 8, 16, ...): the engine starts once four
+    images are decoded, not a whole batch (23 ms of one core for 32 photos of 224 px), and each
+    group embeds for longer than the next one takes to decode."""
     batch: list[Decoded] = []
     failed: list[Decoded] = []
+    size = min(batch_size, FIRST_GROUP)
     for image in decoded_stream:
         if image.error:
             if strict:
@@ -124,9 +133,10 @@ def _image_groups(decoded_stream: Iterator[Decoded], batch_size: int,
             failed.append(image)
         else:
             batch.append(image)
-        if len(batch) >= batch_size:
+        if len(batch) >= size:
             yield batch, failed, False
             batch, failed = [], []
+            size = min(batch_size, 2 * size)
     yield batch, failed, True
 
 

@@ -246,3 +246,17 @@ def test_an_embedding_error_reaches_the_caller_and_no_thread_outlives_the_batche
             break
         time.sleep(0.05)
     assert threading.active_count() == before
+
+
+def test_the_first_image_groups_ramp_up_so_the_engine_starts_after_four_decodes(tmp_path):
+    from mmretrieve.embedding import embed_image_batches
+
+    for i in range(40):
+        random_image(i, (8, 8)).save(tmp_path / f"{i:02d}.png")
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    sizes, rows = [], []
+    for batch in embed_image_batches(paths, SizePreprocessor(), lambda pixels: pixels, batch_size=32):
+        sizes.append(len(batch.decoded))
+        rows += [Path(d.path).name for d in batch.decoded]
+    assert sizes == [4, 8, 16, 12] and rows == [Path(p).name for p in paths]  # whole runs of 4, in order
+    assert [len(b.decoded) for b in embed_image_batches(paths[:6], SizePreprocessor(), lambda p: p, 2)] == [2, 2, 2, 0]
