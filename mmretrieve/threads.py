@@ -152,5 +152,18 @@ def apply_to_torch() -> None:
     torch = sys.modules.get("torch")
     if torch is None or _CURRENT is None:
         return
-    if torch.get_num_threads() != _CURRENT.compute:
-        torch.set_num_threads(_CURRENT.compute)
+    if torch.get_num_threads() != _CURRENT.compute or _TORCH_SET not in (None, _CURRENT.compute):
+        set_torch_threads(_CURRENT.compute)
+
+
+_TORCH_SET: int | None = None  # the count last given to torch through set_torch_threads
+
+
+def set_torch_threads(count: int) -> None:
+    """``torch.set_num_threads(count)``, remembered. torch keeps the count per thread (OpenMP) and
+    also as the count of threads that start later and of MKL, so a count set on another thread
+    (the server's worker) differs from this thread's while every new thread (an embedding
+    thread) and MKL take it: apply_to_torch sets it again whenever the two can differ."""
+    global _TORCH_SET
+    sys.modules["torch"].set_num_threads(count)
+    _TORCH_SET = count

@@ -159,3 +159,19 @@ def test_train_runs_torch_on_the_policys_threads(tiny_model, tmp_path):
     env = {**os.environ, "MMRETRIEVE_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "threads 1" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_torch_count_set_on_another_thread_is_set_again_for_the_threads_that_start_later():
+    # torch keeps its count per thread and as the count of threads started later (and MKL's):
+    # after a server worker set 1, the policy's 2 must hold for an embedding thread started now,
+    # or its BLAS calls run on other threads than a fresh process's (and round differently).
+    import subprocess
+    import sys
+
+    code = ("from concurrent.futures import ThreadPoolExecutor\nimport torch\nfrom mmretrieve import threads\n"
+            "threads.use_policy('train', threads=2)\n"
+            "ThreadPoolExecutor(1).submit(threads.set_torch_threads, 1).result()\n"
+            "threads.use_policy('train', threads=2)\n"
+            "print(ThreadPoolExecutor(1).submit(torch.get_num_threads).result(), torch.get_num_threads())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2", "2"]

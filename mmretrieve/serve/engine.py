@@ -351,8 +351,10 @@ def _limit_threads(count: int) -> None:
     one that runs them: OpenMP keeps the setting per calling thread."""
     import sys
 
+    from ..threads import set_torch_threads
+
     if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(count)
+        set_torch_threads(count)
     from ..index.faiss_lib import faiss
 
     faiss().omp_set_num_threads(count)
