@@ -5,17 +5,17 @@ runs, batch after batch. End to end: `index_images` on the folder into a fresh i
 decode in worker processes, embed, SQLite, FAISS, publish). Runs alternate, and the table
 gives each run and the ratio of medians. Target: end to end >= 85% of encoder-only. ``--workers``
 takes a list (``0,1,2``): each round then runs end to end once per decode-worker count, and each
-count gets its ratio; ``inline`` in the list is 0 workers decoding between batches in the calling
-thread (as before one thread decoded ahead; docs/benchmarks.md "Decoding ahead in a thread"), and
-``serial`` 0 workers decoding ahead but embedding in the calling thread between the records of each
-batch (as before the next batch was embedded while the indexer records one).
+count gets its ratio. Earlier ways of running 0 workers can join the list: ``ahead`` (one thread
+decoding a batch ahead of the caller), ``serial`` (embedding in the caller's thread between the
+indexer's records of each batch) and ``before`` (both: what 0 workers ran before the embedding
+thread; docs/benchmarks.md "Embedding while the caller records").
 Encoder-only is fed what the decode pool sends (uint8 from ``resize_crop``). The process takes
 the ``index`` command's thread policy (mmretrieve.threads). It also prints the CPU time per image
 of the encoder (every thread) and of decoding (one image after another), and the ceiling they
 set: no overlap of the two can index faster than cores / (their sum).
 
     python benchmarks/index_throughput.py --model runs/x/best [--images DIR] [--limit 300] [--rounds 2]
-        [--workers 0,1,2,inline,serial]
+        [--workers 0,1,2,ahead,serial,before]
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 import mmretrieve.embedding
 import mmretrieve.index.builder
-from mmretrieve.decode import decode_one
+from mmretrieve.decode import decode_one, ordered_map
 from mmretrieve.embedding import ImageBatch
 from mmretrieve.images import list_images, load_image
 from mmretrieve.index.builder import index_images
@@ -43,15 +44,15 @@ DECODE = mmretrieve.embedding.decode_images
 BATCHES = mmretrieve.index.builder.embed_image_batches
 
 
-def inline_decode(paths, preprocessor, workers=0, read_ahead=64):
-    """Decoding between batches, in the caller's thread (what 0 workers did before)."""
-    return (decode_one(path, preprocessor) for path in paths)
+def ahead_decode(paths, preprocessor, workers=0, read_ahead=64):
+    """One thread decoding a batch ahead of the caller (0 workers before the embedding thread)."""
+    return ordered_map(partial(decode_one, preprocessor=preprocessor), paths, 1, read_ahead=read_ahead, threads=True)
 
 
 def serial_batches(paths, preprocessor, embed_pixels, batch_size, workers=0, bar=None, strict=False):
     """Embedding in the caller's thread between the indexer's records of each batch (what
     embed_image_batches did before it embedded the next batch on a thread of its own)."""
-    decoded = DECODE(paths, preprocessor, workers, read_ahead=batch_size)
+    decoded = mmretrieve.embedding.decode_images(paths, preprocessor, workers, read_ahead=batch_size)
     batch, failed = [], []
     for image in decoded:
         (failed if image.error else batch).append(image)
@@ -61,8 +62,9 @@ def serial_batches(paths, preprocessor, embed_pixels, batch_size, workers=0, bar
     yield ImageBatch(batch, embed_pixels(np.stack([d.pixels for d in batch])) if batch else None, failed, final=True)
 
 
-EARLIER = {"inline": inline_decode}  # decoding variants, 0 workers
-SERIAL = {"serial": serial_batches}  # embedding variants, 0 workers decoding ahead
+# earlier ways of running 0 workers: (how images are decoded, how batches are embedded)
+EARLIER = {"ahead": (ahead_decode, BATCHES), "serial": (DECODE, serial_batches),
+           "before": (ahead_decode, serial_batches)}
 
 
 def encoder_only(embedder, pixels: np.ndarray, batch_size: int) -> tuple[float, float]:
@@ -82,8 +84,8 @@ def decode_cpu_ms(paths: list[Path], preprocessor) -> float:
 
 
 def end_to_end(embedder, folder: Path, batch_size: int, workers: str) -> float:
-    mmretrieve.embedding.decode_images = EARLIER.get(workers, DECODE)
-    mmretrieve.index.builder.embed_image_batches = SERIAL.get(workers, BATCHES)
+    mmretrieve.embedding.decode_images, mmretrieve.index.builder.embed_image_batches = \
+        EARLIER.get(workers, (DECODE, BATCHES))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
@@ -108,8 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     worker_counts = [w.strip() for w in str(args.workers).split(",")]
-    if any(w not in EARLIER and w not in SERIAL and not w.isdigit() for w in worker_counts):
-        parser.error("--workers takes whole numbers, 'inline' and 'serial', separated by commas")
+    if any(w not in EARLIER and not w.isdigit() for w in worker_counts):
+        parser.error(f"--workers takes whole numbers and {', '.join(EARLIER)}, separated by commas")
     use_policy("index")
     load_before = os.getloadavg()
     embedder = load_embedder(args.model, args.runtime)

@@ -7,7 +7,8 @@ nothing raises. Pixels are the resized, cropped image as uint8
 (``ImagePreprocessor.resize_crop``): a quarter of the float32 bytes to send from a worker; the
 embedder normalises them (in the ONNX graph, or ``ImagePreprocessor.normalize``).
 ``ordered_map`` is the pool underneath: worker processes (the Python around each decode holds
-the GIL, so several decoders need processes), or one thread for 0 workers (decode_images).
+the GIL, so several decoders need processes), or none for 0 workers: the caller's thread decodes
+while ``embedding.embed_image_batches`` embeds the previous batch on a thread of its own.
 Only regular files under the size limit of ``mmretrieve.images`` are read.
 """
 
@@ -71,13 +72,12 @@ def decode_one(path: str, preprocessor=None) -> Decoded:
 
 def decode_images(paths: Iterable[str], preprocessor, workers: int = 0, read_ahead: int = 64) -> Iterator[Decoded]:
     """``decode_one`` over ``paths`` in ``workers`` processes, results in input order. With 0 workers
-    one thread of this process decodes ahead of the caller: Pillow's decoding and resampling and
-    hashlib release the GIL, so decoding fills the gaps onnxruntime's threads leave, without the
-    hand-over to a process (on 2 cores 1.06-1.11x the images/s of decoding between batches;
-    docs/benchmarks.md "Decoding ahead in a thread")."""
+    the caller's thread decodes each image as it is taken: ``embed_image_batches`` takes them while
+    its embedding thread embeds the batch before, so decoding overlaps the engine without a pool
+    (on 2 cores 1.05x the images/s of a thread decoding ahead, which did the same with a hand-over
+    per image; docs/benchmarks.md "Embedding while the caller records")."""
     if workers <= 0:
-        return ordered_map(partial(decode_one, preprocessor=preprocessor), paths, 1, read_ahead=read_ahead,
-                           threads=True)
+        return ordered_map(partial(decode_one, preprocessor=preprocessor), paths, 0)
     return ordered_map(decode_one, paths, workers, initializer=init_worker, initargs=(preprocessor,),
                        read_ahead=read_ahead)
 

@@ -84,17 +84,26 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
     While the caller handles one batch (the indexer records it in SQLite), the next is already
     being embedded on a second thread: onnxruntime and torch release the GIL, so the engine no
     longer idles between batches (docs/benchmarks.md, "Embedding while the caller records").
-    ``embed_pixels`` is therefore called from that thread, one batch at a time, in order.
+    ``embed_pixels`` is therefore called from that thread, one batch at a time, in order (all but
+    the first batch, which runs in the caller's thread).
     """
-    # processes keep two batches in flight; the thread of 0 workers one (the batch being embedded
-    # is all it has to overlap), so memory stays one batch above what is embedded
-    read_ahead = max(2 * batch_size, 16) if workers > 0 else batch_size
-    decoded_stream = decode_images(paths, preprocessor, workers, read_ahead=read_ahead)
+    # processes keep two batches in flight, so memory stays two batches above what is embedded;
+    # with 0 workers this thread decodes the next batch while the embedding thread runs this one
+    decoded_stream = decode_images(paths, preprocessor, workers, read_ahead=max(2 * batch_size, 16))
     embedding = ThreadPoolExecutor(1, thread_name_prefix="mmretrieve-embed")
     running: _Embedding | None = None  # the batch on the embedding thread
+    started = False
     try:
         for images, failed, final in _image_groups(decoded_stream, batch_size, strict):
-            vectors = embedding.submit(embed_pixels, np.stack([d.pixels for d in images])) if images else None
+            vectors = None
+            if images and not started:
+                # The first batch is embedded here: what an embedder sets up on first use (its
+                # weights, torch's thread count, which torch keeps per thread) is set up in the
+                # caller's thread, as it was before there was an embedding thread.
+                vectors, started = Future(), True
+                vectors.set_result(embed_pixels(np.stack([d.pixels for d in images])))
+            elif images:
+                vectors = embedding.submit(embed_pixels, np.stack([d.pixels for d in images]))
             previous, running = running, _Embedding(images, failed, vectors)
             for done in ([previous] if previous else []) + ([running] if final else []):
                 yield done.batch(final=done is running)

@@ -70,24 +70,25 @@ def test_the_decode_pool_sends_uint8_pixels_that_normalise_to_the_float_transfor
         assert np.array_equal(preprocessor.normalize(d.pixels), preprocessor.transform(load_image(d.path)))
 
 
-def test_without_workers_one_thread_decodes_ahead_in_order_and_stops_when_closed(mixed_paths):
-    import threading
-    import time
-
+def test_without_workers_the_callers_thread_decodes_each_image_as_it_is_taken(mixed_paths, monkeypatch):
+    """0 workers: no pool and no read-ahead; embed_image_batches' own embedding thread is what
+    overlaps the decoding with the engine."""
+    import mmretrieve.decode
     from mmretrieve.decode import decode_images
 
+    decoded_on = []
+    decode_one = mmretrieve.decode.decode_one
+    monkeypatch.setattr(mmretrieve.decode, "decode_one",
+                        lambda path, preprocessor=None: decoded_on.append(threading.get_ident()) or
+                        decode_one(path, preprocessor))
     before = threading.active_count()
-    stream = decode_images(mixed_paths * 4, SizePreprocessor(), workers=0, read_ahead=3)
+    stream = decode_images(mixed_paths * 4, SizePreprocessor(), workers=0)
     first = next(stream)
-    assert Path(first.path).name == "a.png" and threading.active_count() > before  # a pool thread decodes
+    assert Path(first.path).name == "a.png" and len(decoded_on) == 1 and threading.active_count() == before
     rest = [next(stream) for _ in range(7)]
     assert [Path(d.path).name for d in [first] + rest] == [Path(p).name for p in mixed_paths + mixed_paths[:2]]
-    stream.close()  # an abandoned run (an error, Ctrl-C) must not leave the pool's threads behind
-    for _ in range(100):
-        if threading.active_count() == before:
-            break
-        time.sleep(0.05)
-    assert threading.active_count() == before
+    assert decoded_on == [threading.get_ident()] * 8  # one image decoded per image taken, here
+    stream.close()
 
 
 def test_strict_image_embedding_names_the_first_image_that_fails(mixed_paths):
@@ -217,7 +218,9 @@ def test_the_next_image_batch_is_embedded_on_its_own_thread_while_the_caller_han
             assert second_started.wait(10), "the next batch waited for the caller"
         seen.append(([Path(d.path).name for d in batch.decoded], bar.n))
     assert seen == [(["a.png"], 0), (["c.png"], 1), (["e.png"], 3), (["f.png"], 5), ([], 6)]  # each failure with its batch
-    assert threading.get_ident() not in calls and len(set(calls)) == 1  # one thread of its own, batches in order
+    # the first batch here (what an embedder sets up on first use is set up in the caller's thread),
+    # the rest on one thread of its own, in order
+    assert calls[0] == threading.get_ident() and threading.get_ident() not in calls[1:] and len(set(calls[1:])) == 1
 
 
 def test_an_embedding_error_reaches_the_caller_and_no_thread_outlives_the_batches(mixed_paths):
