@@ -8,7 +8,7 @@ takes a list (``0,1,2``): each round then runs end to end once per decode-worker
 count gets its ratio. Earlier ways of running 0 workers can join the list: ``ahead`` (one thread
 decoding a batch ahead of the caller), ``serial`` (embedding in the caller's thread between the
 indexer's records of each batch) and ``before`` (both: what 0 workers ran before the embedding
-thread; docs/benchmarks.md "Embedding while the caller records").
+thread; docs/benchmarks.md "Issue 17, fourth window").
 Encoder-only is fed what the decode pool sends (uint8 from ``resize_crop``). The process takes
 the ``index`` command's thread policy (mmretrieve.threads). It also prints the CPU time per image
 of the encoder (every thread) and of decoding (one image after another), and the ceiling they

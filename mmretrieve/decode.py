@@ -74,8 +74,8 @@ def decode_images(paths: Iterable[str], preprocessor, workers: int = 0, read_ahe
     """``decode_one`` over ``paths`` in ``workers`` processes, results in input order. With 0 workers
     the caller's thread decodes each image as it is taken: ``embed_image_batches`` takes them while
     its embedding thread embeds the batch before, so decoding overlaps the engine without a pool
-    (on 2 cores 1.05x the images/s of a thread decoding ahead, which did the same with a hand-over
-    per image; docs/benchmarks.md "Embedding while the caller records")."""
+    (on 2 cores 0.99x-1.05x the images/s of a pool thread decoding ahead, which did the same with
+    a hand-over per image, in three interleaved runs; docs/benchmarks.md "Issue 17, fourth window")."""
     if workers <= 0:
         return ordered_map(partial(decode_one, preprocessor=preprocessor), paths, 0)
     return ordered_map(decode_one, paths, workers, initializer=init_worker, initargs=(preprocessor,),

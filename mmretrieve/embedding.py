@@ -83,7 +83,7 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
 
     While the caller handles one batch (the indexer records it in SQLite), the next is already
     being embedded on a second thread: onnxruntime and torch release the GIL, so the engine no
-    longer idles between batches (docs/benchmarks.md, "Embedding while the caller records").
+    longer idles between batches (docs/benchmarks.md, "Issue 17, fourth window").
     ``embed_pixels`` is therefore called from that thread, one batch at a time, in order (all but
     the first batch, which runs in the caller's thread).
     """

@@ -20,12 +20,13 @@ Overrides, strongest first: an explicit argument (``--threads``, ``threads=``), 
 faiss read it themselves too); ``MMRETRIEVE_ORT_THREADS`` still sets onnxruntime's alone and
 ``MMRETRIEVE_ORT_SPINNING=1``/``0`` its spinning.
 
-Decode workers for ``index``: on 2 cores, decoding in the embedding process (0 workers: one
-thread decoding ahead, mmretrieve.decode) indexed faster than 1 or 2 worker processes
-(interleaved ``benchmarks/index_throughput.py --workers 0,inline,1`` on 1,000 images: 296.1 img/s
-with 0 workers, 267.5 decoding between batches, 266.6 with 1 worker; docs/benchmarks.md "Decoding
-ahead in a thread"): onnxruntime already uses both cores, and a process only adds hand-over.
-Above 2 cores (not measured here) cores - 1 workers keep the decoding off the embedding process.
+Decode workers for ``index``: on 2 cores, decoding in the embedding process (0 workers: the
+indexing thread decodes while ``embedding.embed_image_batches``' own thread embeds the batch
+before) indexed faster than worker processes (interleaved ``benchmarks/index_throughput.py
+--workers 0,ahead,serial,before,1`` on 1,000 images: 81.0% of encoder-only with 0 workers, 74.7%
+with 1 process; docs/benchmarks.md "Issue 17, fourth window"): onnxruntime already uses both cores,
+and a process only adds hand-over. Above 2 cores (not measured here) cores - 1 workers keep the
+decoding off the embedding process.
 
 ``use_policy(job)`` is called by each entry point (CLI commands, ``mmretrieve.api``, the server);
 the runtimes and the flat index read ``current_policy()`` when they create sessions or search.
