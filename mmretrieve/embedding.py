@@ -60,7 +60,10 @@ def embed_in_batches(items: Sequence[Any], embed_batch: Callable[[Sequence[Any]]
 
 
 # The first image group's size: one run of onnxruntime's CPU sub-batch (OnnxEmbedder.IMAGE_SUB_BATCH),
-# so ramping up keeps every run whole.
+# so ramping up keeps every CPU run whole (for a batch size that is a multiple of 4). A GPU or torch
+# runs the first groups as smaller batches, whose rows may differ from a whole batch's in the last
+# bits. Since the first batch is embedded in the caller's thread, decoding the second overlaps no
+# embedding (a few ms a run).
 FIRST_GROUP = 4
 
 
@@ -103,6 +106,8 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
                 vectors, started = Future(), True
                 vectors.set_result(embed_pixels(np.stack([d.pixels for d in images])))
             elif images:
+                if running is not None and running.vectors is not None and running.vectors.done():
+                    running.vectors.result()  # an engine that failed stops the run before more is queued
                 vectors = embedding.submit(embed_pixels, np.stack([d.pixels for d in images]))
             previous, running = running, _Embedding(images, failed, vectors)
             for done in ([previous] if previous else []) + ([running] if final else []):
@@ -164,17 +169,13 @@ def embed_image_paths(paths: Iterable[str], preprocessor, embed_pixels: Callable
 
 # --- torch towers -------------------------------------------------------------------------------
 
-def auto_device() -> torch.device:
+def auto_device(device=None) -> torch.device:
+    """``device`` (default: CUDA when there is one, else the CPU), with "cuda" pinned to the GPU
+    this thread uses now (``cuda:N``): "cuda" alone means the current GPU of whichever thread
+    runs, and embed_image_batches runs the model on a thread of its own."""
     import torch
 
-    return _pinned(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _pinned(device: torch.device) -> torch.device:
-    """``cuda`` as the GPU this thread uses now (``cuda:N``): "cuda" alone means the current GPU of
-    whichever thread runs, and embed_image_batches runs the model on a thread of its own."""
-    import torch
-
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -185,7 +186,7 @@ def torch_rows(module, forward: Callable, device=None) -> Callable[[dict[str, np
     ``device`` (default: the best one) in eval mode, ``forward`` run without autograd."""
     import torch
 
-    device = _pinned(torch.device(device) if device is not None else auto_device())
+    device = auto_device(device)
     module.to(device).eval()
 
     def run(arrays: dict[str, np.ndarray]) -> np.ndarray:

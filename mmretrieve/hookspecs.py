@@ -176,8 +176,9 @@ class EmbedderProtocol(Protocol):
         (n, 3, size, size), as ``image_preprocessor.transform`` makes, must still be accepted; an
         ``image_preprocessor`` of the runtime's own with only ``transform`` gets that output.
         Bulk callers (``embedding.embed_image_batches``) call it from a thread of their own, one
-        batch at a time, while the caller records the previous batch: it must not depend on the
-        thread that built the embedder."""
+        batch at a time, while the caller records the previous batch (a fused index embeds that
+        batch's captions with ``embed_texts`` meanwhile): it must not depend on the thread that
+        built the embedder, and the two towers may run at the same time."""
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """n texts -> (n, embed_dim) L2-normalised float32."""

@@ -114,7 +114,7 @@ class TorchEmbedder:
         self.ref = str(model_ref)
         self.runtime = "torch"
         self.info = read_bundle_info(model_ref, verify=True)  # every file re-hashed once, here
-        self.device = torch.device(device) if device else auto_device()
+        self.device = auto_device(device or None)  # "cuda" pinned: batches run on another thread
         self.fingerprint = self.info.fingerprint
         self.embed_dim = int(self.info.manifest["embed_dim"])  # with a label bridge, wider than config.embed_dim
         # The preprocessing saved with the bundle, as load_bundle gives its towers.
