@@ -245,7 +245,7 @@ def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | No
         shards += ArrayShard.split(staged_ids, staged_vectors, shard_rows(dim))
         index = build_index(kind, dim, shards, **options)
     index.save(store.vectors_folder(generation + 1))
-    store.publish(generation + 1, removed_paths, kind, index.options, requested)
+    store.publish(generation + 1, removed_paths, kind, index.options, requested, staged=(staged_ids, staged_vectors))
     store.remove_stale_vectors()
     if store.pending and store.replaces is None:
         store.activate()  # a new index is searchable from its first generation; a rebuild waits for finish

@@ -577,13 +577,15 @@ class IndexStore:
         return self._embeddings("staged")
 
     def publish(self, generation: int, removed_paths: list[str], index_type: str, index_options: dict[str, Any],
-                requested_index_type: str | None = None) -> None:
+                requested_index_type: str | None = None,
+                staged: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Make generation N current: the staged embeddings appended to the embeddings file
         (synced), then staged rows in, removed paths out, N and its FAISS index type recorded,
         in one transaction; then the manifest's cached copies follow. Costs what changed: no
-        statement reads the published rows that stay as they are."""
+        statement reads the published rows that stay as they are. ``staged``: what ``staged()``
+        returns, when the caller has just read it (the FAISS update did), so it is read once."""
         requested = requested_index_type or self.manifest.get("requested_index_type", "auto")
-        staged_ids, staged_vectors = self.staged()
+        staged_ids, staged_vectors = staged if staged is not None else self.staged()
         vectors = self.embedding_file()
         first = vectors.append(staged_vectors) if len(staged_ids) else 0
         with self.db:
