@@ -217,7 +217,8 @@ def test_the_next_image_batch_is_embedded_on_its_own_thread_while_the_caller_han
         if not seen:
             assert second_started.wait(10), "the next batch waited for the caller"
         seen.append(([Path(d.path).name for d in batch.decoded], bar.n))
-    assert seen == [(["a.png"], 0), (["c.png"], 1), (["e.png"], 3), (["f.png"], 5), ([], 6)]  # each failure with its batch
+    # each failure is counted with the batch it comes with
+    assert seen == [(["a.png"], 0), (["c.png"], 1), (["e.png"], 3), (["f.png"], 5), ([], 6)]
     # the first batch here (what an embedder sets up on first use is set up in the caller's thread),
     # the rest on one thread of its own, in order
     assert calls[0] == threading.get_ident() and threading.get_ident() not in calls[1:] and len(set(calls[1:])) == 1

@@ -127,7 +127,8 @@ def test_a_square_photo_resamples_only_the_crop(monkeypatch):
 
     made = []
     resize = Image.Image.resize
-    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: made.append(size) or resize(self, size, *a, **k))
+    monkeypatch.setattr(Image.Image, "resize",
+                        lambda self, size, *a, **k: made.append(size) or resize(self, size, *a, **k))
     preprocessor = ImagePreprocessor(ImagePreprocessConfig())
     for shape in ((224, 224), (500, 500), (640, 480)):
         preprocessor.resize_crop(random_image(0, shape))
