@@ -19,7 +19,6 @@ import multiprocessing
 import os
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 from multiprocessing.pool import ThreadPool
 from typing import Any, Callable, Iterable, Iterator
 
@@ -77,7 +76,7 @@ def decode_images(paths: Iterable[str], preprocessor, workers: int = 0, read_ahe
     (on 2 cores 0.99x-1.05x the images/s of a pool thread decoding ahead, which did the same with
     a hand-over per image, in three interleaved runs; docs/benchmarks.md "Issue 17, fourth window")."""
     if workers <= 0:
-        return ordered_map(partial(decode_one, preprocessor=preprocessor), paths, 0)
+        return (decode_one(path, preprocessor) for path in paths)
     return ordered_map(decode_one, paths, workers, initializer=init_worker, initargs=(preprocessor,),
                        read_ahead=read_ahead)
 
