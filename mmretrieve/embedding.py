@@ -96,8 +96,10 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
     embedding = ThreadPoolExecutor(1, thread_name_prefix="mmretrieve-embed")
     running: _Embedding | None = None  # the batch on the embedding thread
     started = False
+    decoding = True  # taking the next group (where strict raises a decode failure), not handing one over
     try:
         for images, failed, final in _image_groups(decoded_stream, batch_size, strict):
+            decoding = False
             vectors = None
             if images and not started:
                 # The first batch is embedded here: what an embedder sets up on first use (its
@@ -114,6 +116,13 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
                 yield done.batch(final=done is running)
                 if bar is not None:
                     bar.update(len(done.images) + len(done.failed))
+            decoding = True
+    except InputError:
+        # strict: an image after the batch on the embedding thread failed to decode; that batch
+        # comes first, so its engine error (if it fails) is the one raised
+        if decoding and running is not None and running.vectors is not None and running.vectors.exception():
+            raise running.vectors.exception() from None
+        raise
     finally:
         if running is not None and running.vectors is not None:
             running.vectors.cancel()

@@ -252,6 +252,25 @@ def test_an_embedding_error_reaches_the_caller_and_no_thread_outlives_the_batche
     assert threading.active_count() == before
 
 
+def test_strict_raises_the_engine_error_of_a_batch_before_an_image_that_fails_to_decode(mixed_paths):
+    import time
+
+    from mmretrieve.embedding import embed_image_batches
+
+    def fails_on_second(pixels, calls=[]):  # noqa: B006 - counts across calls
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(0.3)  # the caller meanwhile reaches b.png, which fails to decode
+            raise RuntimeError("the engine broke")
+        return pixels
+
+    a, b, c = mixed_paths[:3]
+    with pytest.raises(RuntimeError, match="the engine broke"):  # c.png's batch comes before b.png
+        list(embed_image_batches([a, c, b], SizePreprocessor(), fails_on_second, batch_size=1, strict=True))
+    with pytest.raises(InputError, match=r"b\.png"):  # the same run with an engine that works
+        list(embed_image_batches([a, c, b], SizePreprocessor(), lambda p: p, batch_size=1, strict=True))
+
+
 def test_the_first_image_groups_ramp_up_so_the_engine_starts_after_four_decodes(tmp_path):
     from mmretrieve.embedding import embed_image_batches
 
