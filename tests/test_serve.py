@@ -219,6 +219,7 @@ def test_compute_threads_are_set_on_the_thread_that_embeds(small_index, monkeypa
 
     from mmretrieve.index.faiss_lib import faiss
     from mmretrieve.runtime.onnx_runtime import THREADS_ENV
+    from mmretrieve.threads import set_torch_threads
 
     monkeypatch.setenv(THREADS_ENV, "1")  # what the engine would set for onnxruntime, undone afterwards
 
@@ -231,7 +232,7 @@ def test_compute_threads_are_set_on_the_thread_that_embeds(small_index, monkeypa
                                                                    faiss().omp_get_max_threads()))
             assert seen == (1, 1)
     finally:
-        torch.set_num_threads(before)  # torch's count is process-wide: leave it as other tests expect
+        set_torch_threads(before)  # torch's count is process-wide (and remembered): leave it as other tests expect
 
 
 def test_beyond_the_queue_bound_requests_get_503_not_memory(client, config, monkeypatch):
