@@ -4,7 +4,7 @@ Encoder-only: images decoded and preprocessed beforehand (not timed), then only 
 runs, batch after batch. End to end: `index_images` on the folder into a fresh index (scan,
 decode in worker processes, embed, SQLite, FAISS, publish). Runs alternate, and the table
 gives each run, the ratio of medians and each round's ratio (end to end over the encoder-only run
-just before it) with their median. Target: end to end >= 85% of encoder-only. ``--workers``
+of the same round) with their median. Target: end to end >= 85% of encoder-only. ``--workers``
 takes a list (``0,1,2``): each round then runs end to end once per decode-worker count, and each
 count gets its ratio. Earlier ways of running 0 workers can join the list: ``ahead`` (one thread
 decoding a batch ahead of the caller), ``serial`` (embedding in the caller's thread between the

@@ -120,8 +120,9 @@ def embed_image_batches(paths: Iterable[str], preprocessor, embed_pixels: Callab
     except InputError:
         # strict: an image after the batch on the embedding thread failed to decode; that batch
         # comes first, so its engine error (if it fails) is the one raised
-        if decoding and running is not None and running.vectors is not None and running.vectors.exception():
-            raise running.vectors.exception() from None
+        error = running.vectors.exception() if decoding and running is not None and running.vectors else None
+        if error is not None:
+            raise error from None
         raise
     finally:
         if running is not None and running.vectors is not None:

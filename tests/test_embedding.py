@@ -260,7 +260,7 @@ def test_strict_raises_the_engine_error_of_a_batch_before_an_image_that_fails_to
     def fails_on_second(pixels, calls=[]):  # noqa: B006 - counts across calls
         calls.append(1)
         if len(calls) == 2:
-            time.sleep(0.3)  # the caller meanwhile reaches b.png, which fails to decode
+            time.sleep(0.3)  # the caller meanwhile reaches b.png (the error must be waited for)
             raise RuntimeError("the engine broke")
         return pixels
 
@@ -269,6 +269,25 @@ def test_strict_raises_the_engine_error_of_a_batch_before_an_image_that_fails_to
         list(embed_image_batches([a, c, b], SizePreprocessor(), fails_on_second, batch_size=1, strict=True))
     with pytest.raises(InputError, match=r"b\.png"):  # the same run with an engine that works
         list(embed_image_batches([a, c, b], SizePreprocessor(), lambda p: p, batch_size=1, strict=True))
+
+
+def test_an_engine_error_handed_over_is_raised_as_it_is_not_the_next_batchs(mixed_paths):
+    import time
+
+    from mmretrieve.embedding import embed_image_batches
+
+    def refuses_second_fails_third(pixels, calls=[]):  # noqa: B006 - counts across calls
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(0.3)  # still running when the third batch is queued behind it
+            raise InputError("the engine refused the second batch")
+        if len(calls) == 3:
+            raise RuntimeError("the third batch broke")
+        return pixels
+
+    good = [mixed_paths[i] for i in (0, 2, 4, 5)]
+    with pytest.raises(InputError, match="refused the second batch"):
+        list(embed_image_batches(good, SizePreprocessor(), refuses_second_fails_third, batch_size=1, strict=True))
 
 
 def test_the_first_image_groups_ramp_up_so_the_engine_starts_after_four_decodes(tmp_path):
