@@ -13,7 +13,6 @@ of the data's order and of the training seed, and view k is the same whatever th
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -21,9 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .decode import Decoded
+from .decode import Decoded, decode_file
 from .errors import ConfigError
-from .images import ImageInputError, load_image, read_image_file
 
 # torchvision's RandomResizedCrop tries this many draws before falling back to a centre crop.
 CROP_ATTEMPTS = 10
@@ -129,21 +127,6 @@ def init_views(preprocessor, views: int, settings: ViewAugmentation, first: int 
 
 
 def decode_views(path: str) -> Decoded:
-    """Read and decode the file once; ``pixels`` are its ``view_pixels``. Never raises: a file that
-    cannot be used comes back with the reason, as ``mmretrieve.decode.decode_one`` does."""
+    """Read and decode the file once (``decode_file``); ``pixels`` are its ``view_pixels``."""
     preprocessor, views, settings, first = _worker
-    digest = None
-    try:
-        data = read_image_file(path)
-        digest = hashlib.sha256(data).hexdigest()
-        image = load_image(data, name=path)
-        del data
-        width, height = image.info.get("source_size", image.size)
-        pixels = view_pixels(image, digest, views, preprocessor, settings, first)
-        return Decoded(path, pixels, width, height, digest)
-    except ImageInputError as exc:
-        return Decoded(path, None, sha256=digest, error=exc.reason)
-    except MemoryError:
-        return Decoded(path, None, sha256=digest, error="ran out of memory while decoding it")
-    except Exception as exc:  # noqa: BLE001 - reported with the file's name by the caller
-        return Decoded(path, None, sha256=digest, error=f"could not be decoded ({type(exc).__name__}: {exc})")
+    return decode_file(path, lambda image, sha256: view_pixels(image, sha256, views, preprocessor, settings, first))

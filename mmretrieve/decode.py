@@ -47,9 +47,21 @@ def init_worker(preprocessor) -> None:
 
 
 def decode_one(path: str, preprocessor=None) -> Decoded:
-    """Read the file once: hash its bytes, decode, resize and crop to uint8. Never raises: any failure
-    (a special or oversized file, a corrupt image, running out of memory) becomes a reason."""
+    """``decode_file`` with the pixels resized and cropped to uint8 (the preprocessor's ``resize_crop``)."""
     preprocessor = preprocessor or _preprocessor
+
+    def resize_crop(image, sha256: str) -> np.ndarray:
+        # A runtime's own preprocessor may have only ``transform`` (the contract before uint8): its
+        # output is sent as it is, and embed_pixels takes it as it always did.
+        return (getattr(preprocessor, "resize_crop", None) or preprocessor.transform)(image)
+
+    return decode_file(path, resize_crop)
+
+
+def decode_file(path: str, make_pixels: Callable[[Any, str], np.ndarray]) -> Decoded:
+    """Read the file once: hash its bytes, decode it, and make its pixels with
+    ``make_pixels(image, sha256)``. Never raises: any failure (a special or oversized file, a
+    corrupt image, running out of memory) becomes a reason."""
     digest = None
     try:
         data = read_image_file(path)
@@ -57,10 +69,7 @@ def decode_one(path: str, preprocessor=None) -> Decoded:
         image = load_image(data, name=path)
         del data
         width, height = image.info.get("source_size", image.size)
-        # A runtime's own preprocessor may have only ``transform`` (the contract before uint8): its
-        # output is sent as it is, and embed_pixels takes it as it always did.
-        prepare = getattr(preprocessor, "resize_crop", None) or preprocessor.transform
-        return Decoded(path, prepare(image), width, height, digest)
+        return Decoded(path, make_pixels(image, digest), width, height, digest)
     except ImageInputError as exc:
         return Decoded(path, None, sha256=digest, error=exc.reason)
     except MemoryError:
