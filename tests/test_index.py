@@ -126,6 +126,31 @@ def test_intermediate_commits_publish_generations(messy_image_folder, tmp_path, 
         assert [p.name for p in (store.data_folder / "vectors").glob("gen-*")] == ["gen-000002"]  # old ones go
 
 
+def test_publishes_on_the_way_come_further_apart_as_the_index_grows(tmp_path, embedder, monkeypatch):
+    # Each publish rewrites the whole FAISS index: a run publishing every commit_every items wrote
+    # O(N^2) vectors. After the first commit_every, a run publishes once it has embedded as many
+    # items as the index held at its last publish.
+    from mmretrieve.index import builder
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in range(12):
+        random_image(200 + n).save(photos / f"p{n:02d}.png")
+    sizes = []
+    original = builder.publish
+    monkeypatch.setattr(builder, "publish",
+                        lambda store, *args: (original(store, *args), sizes.append(store.count()))[0])
+    report = build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
+    assert sizes == [2, 4, 8, 12] and report.generation == 4 and report.total == 12  # every 2 would be 6 publishes
+    for n in range(12, 16):
+        random_image(200 + n).save(photos / f"p{n:02d}.png")
+    sizes.clear()
+    report = build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
+    assert sizes == [16] and report.generation == 5  # 4 new items in an index of 12: only the final publish
+    assert [builder.publish_due(since, 0, 5000) for since in (4999, 5000)] == [False, True]
+    assert [builder.publish_due(since, 20_000, 5000) for since in (19_999, 20_000)] == [False, True]
+
+
 def test_other_model_is_refused_for_search_and_for_indexing(messy_image_folder, tmp_path, embedder, tiny_model_config):
     import torch
 

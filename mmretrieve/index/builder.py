@@ -1,9 +1,9 @@
 """`mmretrieve index`: bring an index folder in line with a folder of images (or a captions file).
 
 New and changed files are decoded in worker processes and embedded in batches; each batch is
-staged durably, so a killed run resumes from where it stopped. Publishing a generation
-(every ``commit_every`` items and at the end) updates the FAISS index and the metadata in one
-atomic step; vanished files are removed at the end of a run.
+staged durably, so a killed run resumes from where it stopped. Publishing a generation updates
+the FAISS index and the metadata in one atomic step, at the end of a run and on the way
+(``publish_due``); vanished files are removed at the end of a run.
 
 With a fusion strategy each image is indexed as one item made of the image and its caption
 (its first caption, or its title), fused into one vector; a changed caption re-embeds its item.
@@ -210,6 +210,17 @@ def finish(store: IndexStore, report: IndexReport | None = None, generation_at_o
         remove_stray_data(store.folder, {store.name})
     else:
         store.sync_manifest()
+
+
+def publish_due(since_publish: int, published: int, commit_every: int) -> bool:
+    """Whether a run publishes the items it embedded since its last publish before going on:
+    once they are ``commit_every`` or more, and at least as many as the index held then. Each
+    publish writes the whole FAISS index again, so a run publishing every ``commit_every`` items
+    wrote O(N^2 / commit_every) vectors (200 rewrites of up to 3.6 GB for a million photos);
+    letting the interval grow with the index keeps a run's writes within three times its index,
+    while a new index still becomes searchable after its first ``commit_every``
+    (docs/benchmarks.md, "Publishing on the way")."""
+    return since_publish >= max(commit_every, published)
 
 
 def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | None = None) -> tuple[int, str]:
@@ -476,7 +487,7 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
                  commit_every: int, captions: dict[str, list[str]], progress: bool, report: IndexReport,
                  memory_budget: int | None, fusion=None, engine=None) -> int:
     states = {s.path: s for s in todo}
-    since_publish, embedded = 0, 0
+    since_publish, embedded, published = 0, 0, store.count()
     paths = [s.path for s in todo]
     with progress_bar(total=len(todo), desc="index", unit="img", disable=not progress) as bar:
         # The engine (None: this machine) turns the files into batches of vectors and failures.
@@ -499,9 +510,9 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
                 store.record_failures([(d.path, states[d.path].size, states[d.path].mtime_ns, d.error)
                                        for d in batch.failed])
                 report.failed += [{"path": d.path, "reason": d.error} for d in batch.failed]
-            if not batch.final and since_publish >= commit_every:
+            if not batch.final and publish_due(since_publish, published, commit_every):
                 publish(store, [], memory_budget)
-                since_publish = 0
+                since_publish, published = 0, store.count()
     if engine is not None:
         report.workers = engine.worker_throughput()
     return embedded
