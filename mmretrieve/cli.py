@@ -555,8 +555,8 @@ def _index_model(folder: Path, rebuild: bool) -> str:
 @click.option("--gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True,
               help="With --engine ray: GPUs each encoder actor reserves.")
 @click.option("--commit-every", type=click.IntRange(1), default=5000, show_default=True,
-              help="Publish the index once N images are embedded, then whenever the run has embedded as many "
-                   "as the index held at its last publish (a killed run keeps them either way).")
+              help="Publish on the way once the run has embedded N images and as many as the index held at "
+                   "its last publish, or 256 MiB of vectors (a killed run keeps them either way).")
 @click.option("--runtime", default="auto", show_default=True, callback=registered("runtime"),
               help="torch, onnx, a plugin's (see `mmretrieve plugins`), or auto: onnx for an export folder, else torch.")
 @click.option("--device", help="torch device (default: cuda when present).")

@@ -147,8 +147,39 @@ def test_publishes_on_the_way_come_further_apart_as_the_index_grows(tmp_path, em
     sizes.clear()
     report = build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
     assert sizes == [16] and report.generation == 5  # 4 new items in an index of 12: only the final publish
-    assert [builder.publish_due(since, 0, 5000) for since in (4999, 5000)] == [False, True]
-    assert [builder.publish_due(since, 20_000, 5000) for since in (19_999, 20_000)] == [False, True]
+    assert [builder.publish_due(since, 0, 5000, 896) for since in (4999, 5000)] == [False, True]
+    assert [builder.publish_due(since, 20_000, 5000, 896) for since in (19_999, 20_000)] == [False, True]
+    # a publish reads every staged vector at once: at most 256 MiB of them wait (74,898 of 896-d)
+    assert [builder.publish_due(since, 10**6, 5000, 896) for since in (74_897, 74_898)] == [False, True]
+
+
+def test_a_resumed_run_counts_the_rows_the_killed_run_left_staged(tmp_path, embedder, monkeypatch):
+    from mmretrieve.index import builder
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in range(12):
+        random_image(300 + n).save(photos / f"p{n:02d}.png")
+    original_embed, calls = embedder.embed_pixels, []
+
+    def fails_on_seventh(pixels):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("killed")
+        return original_embed(pixels)
+
+    monkeypatch.setattr(embedder, "embed_pixels", fails_on_seventh)
+    with pytest.raises(RuntimeError, match="killed"):
+        build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
+    with IndexStore.open(tmp_path / "idx", readonly=True) as store:
+        assert (store.count(), store.count("staged")) == (4, 2)  # published at 2 and 4; 5 and 6 staged
+    monkeypatch.setattr(embedder, "embed_pixels", original_embed)
+    sizes = []
+    original = builder.publish
+    monkeypatch.setattr(builder, "publish",
+                        lambda store, *args: (original(store, *args), sizes.append(store.count()))[0])
+    report = build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
+    assert sizes == [8, 12] and report.total == 12  # the 2 left staged and 2 new make the 4 the index held
 
 
 def test_other_model_is_refused_for_search_and_for_indexing(messy_image_folder, tmp_path, embedder, tiny_model_config):

@@ -212,15 +212,21 @@ def finish(store: IndexStore, report: IndexReport | None = None, generation_at_o
         store.sync_manifest()
 
 
-def publish_due(since_publish: int, published: int, commit_every: int) -> bool:
-    """Whether a run publishes the items it embedded since its last publish before going on:
-    once they are ``commit_every`` or more, and at least as many as the index held then. Each
-    publish writes the whole FAISS index again, so a run publishing every ``commit_every`` items
-    wrote O(N^2 / commit_every) vectors (200 rewrites of up to 3.6 GB for a million photos);
-    letting the interval grow with the index keeps a run's writes within three times its index,
-    while a new index still becomes searchable after its first ``commit_every``
-    (docs/benchmarks.md, "Publishing on the way")."""
-    return since_publish >= max(commit_every, published)
+# The most staged vectors a run lets wait for a publish, which reads them all at once.
+STAGED_BYTES_MAX = 256 << 20
+
+
+def publish_due(since_publish: int, published: int, commit_every: int, dim: int) -> bool:
+    """Whether a run publishes the items staged since the last publish before going on: once they
+    are ``commit_every`` or more and at least as many as the index held then, or once they hold
+    ``STAGED_BYTES_MAX`` of ``dim``-d vectors. Each publish writes the whole FAISS index again, so
+    publishing every ``commit_every`` items wrote O(N^2 / commit_every) vectors (200 rewrites of
+    up to 3.6 GB for a million photos of 896-d, 100 times the final index); an interval that
+    grows with the index, up to the cap that bounds a publish's memory, publishes 18 times and
+    writes 8 times the final index (docs/benchmarks.md, "Publishing on the way"). A new index
+    still becomes searchable after its first ``commit_every``."""
+    cap = max(commit_every, STAGED_BYTES_MAX // (4 * dim))
+    return since_publish >= min(max(commit_every, published), cap)
 
 
 def publish(store: IndexStore, removed_paths: list[str], memory_budget: int | None = None) -> tuple[int, str]:
@@ -487,7 +493,9 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
                  commit_every: int, captions: dict[str, list[str]], progress: bool, report: IndexReport,
                  memory_budget: int | None, fusion=None, engine=None) -> int:
     states = {s.path: s for s in todo}
-    since_publish, embedded, published = 0, 0, store.count()
+    # Rows a killed run left staged wait with this run's for the same publish.
+    since_publish, embedded, published = store.count("staged"), 0, store.count()
+    dim = int(store.manifest["embed_dim"])
     paths = [s.path for s in todo]
     with progress_bar(total=len(todo), desc="index", unit="img", disable=not progress) as bar:
         # The engine (None: this machine) turns the files into batches of vectors and failures.
@@ -510,7 +518,7 @@ def _embed_files(store: IndexStore, todo: list[FileState], embedder, batch_size:
                 store.record_failures([(d.path, states[d.path].size, states[d.path].mtime_ns, d.error)
                                        for d in batch.failed])
                 report.failed += [{"path": d.path, "reason": d.error} for d in batch.failed]
-            if not batch.final and publish_due(since_publish, published, commit_every):
+            if not batch.final and publish_due(since_publish, published, commit_every, dim):
                 publish(store, [], memory_budget)
                 since_publish, published = 0, store.count()
     if engine is not None:
