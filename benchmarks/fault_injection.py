@@ -25,10 +25,10 @@ checkpoint and best-bundle weights (1e-5), export manifest (hashes, parity).
     python benchmarks/fault_injection.py [--trials 3] [--seed 0] [--kinds random,window]
         [--scenarios index,update,rebuild,train,export] [--images 100] [--work DIR] [--json FILE]
 
-Scenarios: index (a fresh index, generations published on the way: after 24, 48 and 96 images), update (an index of a
-folder that since gained, lost and changed files), rebuild (``--rebuild`` with another model over
-an existing index), train (a run killed, then ``--resume``d; every other trial kills the resumed
-run too), export (an export folder replaced by an export of another model).
+Scenarios: index (a fresh index, generations published on the way: after 24, 48 and 96 images),
+update (an index of a folder that since gained, lost and changed files), rebuild (``--rebuild``
+with another model over an existing index), train (a run killed, then ``--resume``d; every other
+trial kills the resumed run too), export (an export folder replaced by an export of another model).
 The table goes to stdout; progress and every failure's reason to stderr.
 """
 
