@@ -126,24 +126,35 @@ def test_intermediate_commits_publish_generations(messy_image_folder, tmp_path, 
         assert [p.name for p in (store.data_folder / "vectors").glob("gen-*")] == ["gen-000002"]  # old ones go
 
 
-def test_publishes_on_the_way_come_further_apart_as_the_index_grows(tmp_path, embedder, monkeypatch):
+def add_photos(folder, numbers):
+    folder.mkdir(exist_ok=True)
+    for n in numbers:
+        random_image(200 + n).save(folder / f"p{n:02d}.png")
+
+
+@pytest.fixture
+def publish_sizes(monkeypatch):
+    """The items the index holds after each publish of a run (builder.publish recorded)."""
+    from mmretrieve.index import builder
+
+    sizes, original = [], builder.publish
+    monkeypatch.setattr(builder, "publish",
+                        lambda store, *args: (original(store, *args), sizes.append(store.count()))[0])
+    return sizes
+
+
+def test_publishes_on_the_way_come_further_apart_as_the_index_grows(tmp_path, embedder, publish_sizes):
     # Each publish rewrites the whole FAISS index: a run publishing every commit_every items wrote
     # O(N^2) vectors. After the first commit_every, a run publishes once it has embedded as many
     # items as the index held at its last publish.
     from mmretrieve.index import builder
 
     photos = tmp_path / "photos"
-    photos.mkdir()
-    for n in range(12):
-        random_image(200 + n).save(photos / f"p{n:02d}.png")
-    sizes = []
-    original = builder.publish
-    monkeypatch.setattr(builder, "publish",
-                        lambda store, *args: (original(store, *args), sizes.append(store.count()))[0])
+    add_photos(photos, range(12))
+    sizes = publish_sizes
     report = build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
     assert sizes == [2, 4, 8, 12] and report.generation == 4 and report.total == 12  # every 2 would be 6 publishes
-    for n in range(12, 16):
-        random_image(200 + n).save(photos / f"p{n:02d}.png")
+    add_photos(photos, range(12, 16))
     sizes.clear()
     report = build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
     assert sizes == [16] and report.generation == 5  # 4 new items in an index of 12: only the final publish
@@ -153,13 +164,9 @@ def test_publishes_on_the_way_come_further_apart_as_the_index_grows(tmp_path, em
     assert [builder.publish_due(since, 10**6, 5000, 896) for since in (74_897, 74_898)] == [False, True]
 
 
-def test_a_resumed_run_counts_the_rows_the_killed_run_left_staged(tmp_path, embedder, monkeypatch):
-    from mmretrieve.index import builder
-
+def test_a_resumed_run_counts_the_rows_the_killed_run_left_staged(tmp_path, embedder, monkeypatch, publish_sizes):
     photos = tmp_path / "photos"
-    photos.mkdir()
-    for n in range(12):
-        random_image(300 + n).save(photos / f"p{n:02d}.png")
+    add_photos(photos, range(12))
     original_embed, calls = embedder.embed_pixels, []
 
     def fails_on_seventh(pixels):
@@ -174,12 +181,9 @@ def test_a_resumed_run_counts_the_rows_the_killed_run_left_staged(tmp_path, embe
     with IndexStore.open(tmp_path / "idx", readonly=True) as store:
         assert (store.count(), store.count("staged")) == (4, 2)  # published at 2 and 4; 5 and 6 staged
     monkeypatch.setattr(embedder, "embed_pixels", original_embed)
-    sizes = []
-    original = builder.publish
-    monkeypatch.setattr(builder, "publish",
-                        lambda store, *args: (original(store, *args), sizes.append(store.count()))[0])
+    publish_sizes.clear()  # the killed run's publishes
     report = build(photos, tmp_path / "idx", embedder, batch_size=1, commit_every=2)
-    assert sizes == [8, 12] and report.total == 12  # the 2 left staged and 2 new make the 4 the index held
+    assert publish_sizes == [8, 12] and report.total == 12  # the 2 left staged and 2 new make the 4 the index held
 
 
 def test_other_model_is_refused_for_search_and_for_indexing(messy_image_folder, tmp_path, embedder, tiny_model_config):
